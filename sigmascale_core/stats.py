@@ -1,0 +1,130 @@
+"""Running statistics of a linear layer's inputs: everything the methods need, nothing per token.
+
+gram = Σ_t x_t x_tᵀ (n×n, float64) carries the activation-aware loss ‖(W−Ŵ)X‖²_F = tr(E·gram·Eᵀ);
+abs_mean = mean_t |x_t| (n) is ASVD's channel scale. Both are streamed, so memory never depends on
+the number of calibration tokens.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+from safetensors import SafetensorsError
+from safetensors.torch import load_file
+
+from sigmascale_core.artifacts import save_tensors_atomic
+
+_CHUNK_TOKENS = 4096  # rows per float64 matmul: bounds the temporary copy of x
+
+
+@dataclass
+class ActivationStats:
+    in_features: int  # n, the width of the layer's input
+    gram: torch.Tensor = field(default=None)  # (n, n) float64, Σ x xᵀ
+    abs_sum: torch.Tensor = field(default=None)  # (n,) float64, Σ |x|
+    count: int = 0  # number of tokens seen
+    device: torch.device | str | None = None  # where the sums live; None: CPU
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.in_features, int) or self.in_features <= 0:
+            raise ValueError(f"in_features must be a positive int, got {self.in_features!r}")
+        n = self.in_features
+        if self.gram is None:
+            self.gram = torch.zeros(n, n, dtype=torch.float64, device=self.device)
+        if self.abs_sum is None:
+            self.abs_sum = torch.zeros(n, dtype=torch.float64, device=self.gram.device)
+        if self.gram.shape != (n, n) or self.abs_sum.shape != (n,):
+            raise ValueError(
+                f"stats tensors have shapes gram {tuple(self.gram.shape)}, abs_sum "
+                f"{tuple(self.abs_sum.shape)}; expected ({n}, {n}) and ({n},)"
+            )
+        self.gram = self.gram.to(torch.float64)
+        self.abs_sum = self.abs_sum.to(torch.float64)
+        self.device = self.gram.device
+
+    @classmethod
+    def from_inputs(cls, x: torch.Tensor) -> ActivationStats:
+        """Statistics of one batch of inputs x: (tokens, n) or (batch, seq, n)."""
+        stats = cls(x.shape[-1], device=x.device)
+        stats.update(x)
+        return stats
+
+    @property
+    def abs_mean(self) -> torch.Tensor:
+        """mean_t |x_t| per input channel (n,), float64; zeros before any update."""
+        return self.abs_sum / max(self.count, 1)
+
+    def update(self, x: torch.Tensor) -> None:
+        """Add a batch of inputs, (tokens, n) or (batch, seq, n), any float dtype."""
+        if not torch.is_floating_point(x):
+            raise ValueError(f"inputs must be floating point, got {x.dtype}")
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"inputs have width {x.shape[-1]}, these stats are for width {self.in_features}")
+        x = x.detach().reshape(-1, self.in_features).to(self.gram.device)
+        if not torch.isfinite(x).all():
+            raise ValueError("inputs contain NaN or Inf")
+        for chunk in x.split(_CHUNK_TOKENS):
+            chunk = chunk.to(torch.float64)
+            self.gram.addmm_(chunk.T, chunk)
+            self.abs_sum += chunk.abs().sum(0)
+        self.count += x.shape[0]
+
+    def merge(self, other: ActivationStats) -> ActivationStats:
+        """Statistics of the union of both token sets (a new object)."""
+        if other.in_features != self.in_features:
+            raise ValueError(f"cannot merge stats of width {other.in_features} into width {self.in_features}")
+        return ActivationStats(
+            self.in_features,
+            gram=self.gram + other.gram.to(self.gram.device),
+            abs_sum=self.abs_sum + other.abs_sum.to(self.gram.device),
+            count=self.count + other.count,
+        )
+
+    def to(self, device: torch.device | str) -> ActivationStats:
+        return ActivationStats(
+            self.in_features, gram=self.gram.to(device), abs_sum=self.abs_sum.to(device), count=self.count
+        )
+
+    def validate(self) -> None:
+        """Raise ValueError if the sums are unusable (non-finite, negative counts)."""
+        if self.count < 0:
+            raise ValueError(f"stats count is negative ({self.count})")
+        if not (torch.isfinite(self.gram).all() and torch.isfinite(self.abs_sum).all()):
+            raise ValueError("stats contain NaN or Inf")
+
+    def tensors(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        """The sums as named CPU tensors (for a safetensors file holding many stats)."""
+        return {
+            f"{prefix}gram": self.gram.cpu().contiguous(),
+            f"{prefix}abs_sum": self.abs_sum.cpu().contiguous(),
+            f"{prefix}count": torch.tensor([self.count], dtype=torch.int64),
+        }
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str = "") -> ActivationStats:
+        gram = tensors[f"{prefix}gram"]
+        stats = cls(
+            gram.shape[0],
+            gram=gram,
+            abs_sum=tensors[f"{prefix}abs_sum"],
+            count=int(tensors[f"{prefix}count"]),
+        )
+        stats.validate()
+        return stats
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write to a safetensors file atomically (temp file + rename)."""
+        save_tensors_atomic(self.tensors(), path, {"in_features": str(self.in_features)})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> ActivationStats:
+        try:
+            tensors = load_file(str(path), device=str(device))
+        except (SafetensorsError, OSError) as err:
+            raise ValueError(f"cannot read activation stats from {path}: {err}") from err
+        try:
+            return cls.from_tensors(tensors)
+        except KeyError as err:
+            raise ValueError(f"{path} is not an activation-stats file (missing {err})") from err
