@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from sigmascale_core.artifacts import save_tensors_atomic
@@ -122,7 +122,7 @@ class ActivationStats:
     def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> ActivationStats:
         try:
             tensors = load_file(str(path), device=str(device))
-        except (SafetensorsError, OSError) as err:
+        except (SafetensorError, OSError) as err:
             raise ValueError(f"cannot read activation stats from {path}: {err}") from err
         try:
             return cls.from_tensors(tensors)
