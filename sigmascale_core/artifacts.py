@@ -40,3 +40,8 @@ def write_json_atomic(obj: object, path: str | os.PathLike) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def cache_root() -> Path:
+    """Where computed artefacts live: $SIGMASCALE_CACHE, else ./cache (the repository's cache/)."""
+    return Path(os.environ.get("SIGMASCALE_CACHE", "cache")).resolve()
