@@ -1,0 +1,351 @@
+"""The four ways to pick a rank-k replacement of W: svd, asvd, svdllm, sigmascale.
+
+Each method only chooses a *scaling* (S_row, S_col) of W; the shared truncation then keeps the top k
+singular triplets of W_s = S_row·W·S_col and folds the scaling back:
+    W′ = S_row⁻¹ · U_k Σ_k V_kᵀ · S_col⁻¹  =  left (m×k) @ right (k×n)
+so inference pays nothing for the scaling. S_row is a diagonal (a vector) or absent; S_col is a
+diagonal, SVD-LLM's lower-triangular whitening factor L (gram = L·Lᵀ), or absent.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from sigmascale_core.metrics import check_matrix, check_rank, check_stats, gram_error
+from sigmascale_core.spectral import gram_eigh, rank_truncation, truncated_svd
+from sigmascale_core.stats import ActivationStats
+
+METHODS = ("svd", "asvd", "svdllm", "sigmascale")
+
+# The options each method accepts, with their defaults.
+METHOD_OPTIONS: dict[str, dict[str, object]] = {
+    "svd": {},
+    "asvd": {"alpha": 0.5},  # column scale = abs_mean ** alpha
+    "svdllm": {},
+    "sigmascale": {
+        "steps": 60,  # Adam steps on (r, c)
+        "lr": 0.05,  # Adam learning rate, in log-scale units
+        "init": "asvd",  # "identity" (r = c = 0, as the paper) or "asvd" (c = alpha·log abs_mean)
+        "alpha": 0.5,  # ASVD exponent used by init="asvd"
+        "l2": 1e-4,  # weight of mean(r²) + mean(c²), keeps the scales bounded
+        "seed": 0,  # seeds the start: the optimiser is deterministic for a given seed
+        "init_noise": 0.0,  # std of Gaussian noise added to the initial (r, c)
+    },
+}
+SIGMASCALE_INITS = ("identity", "asvd")
+
+
+@dataclass(frozen=True)
+class LowRankFactors:
+    """W ≈ left @ right, the result of `decompose`."""
+
+    left: torch.Tensor  # (m, k)
+    right: torch.Tensor  # (k, n)
+    scaled_singular_values: torch.Tensor  # (min(m, n),) spectrum of the scaled matrix that was truncated
+    method: str
+    row_scale: torch.Tensor | None = None  # (m,) S_row, the learned e^r (sigmascale)
+    col_scale: torch.Tensor | None = None  # (n,) S_col when diagonal: abs_mean^α (asvd), e^c (sigmascale)
+
+    @property
+    def rank(self) -> int:
+        return self.left.shape[1]
+
+    def to_dense(self) -> torch.Tensor:
+        return self.left @ self.right
+
+
+@dataclass(frozen=True)
+class Scaling:
+    """S_row (vector or None), S_col (vector, lower-triangular matrix or None) of one matrix."""
+
+    row: torch.Tensor | None = None  # (m,)
+    col: torch.Tensor | None = None  # (n,) diagonal, or (n, n) lower-triangular L
+
+    def apply(self, W: torch.Tensor) -> torch.Tensor:
+        """W_s = S_row · W · S_col."""
+        if self.row is not None:
+            W = self.row[:, None] * W
+        if self.col is None:
+            return W
+        return W * self.col if self.col.ndim == 1 else W @ self.col
+
+    def unapply_right(self, right: torch.Tensor) -> torch.Tensor:
+        """right · S_col⁻¹ (a triangular solve for the whitening factor, never an explicit inverse)."""
+        if self.col is None:
+            return right
+        if self.col.ndim == 1:
+            return right / self.col
+        return torch.linalg.solve_triangular(self.col, right, upper=False, left=False)
+
+    def unapply_left(self, left: torch.Tensor) -> torch.Tensor:
+        """S_row⁻¹ · left."""
+        return left if self.row is None else left / self.row[:, None]
+
+
+def _options(method: str, options: dict[str, object]) -> dict[str, object]:
+    if method not in METHOD_OPTIONS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    allowed = METHOD_OPTIONS[method]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        known = ", ".join(allowed) or "none"
+        raise ValueError(f"unknown option(s) {unknown} for method {method!r}; it takes: {known}")
+    return {**allowed, **options}
+
+
+def _check_inputs(W: torch.Tensor, stats: ActivationStats | None, method: str) -> None:
+    check_matrix(W)
+    if method == "svd" and stats is None:
+        return
+    if stats is None:
+        raise ValueError(f"method {method!r} needs activation stats")
+    check_stats(stats, W.shape[1])
+
+
+def asvd_col_scale(abs_mean: torch.Tensor, alpha: float) -> torch.Tensor:
+    """ASVD's column scale abs_mean^α; dead channels (mean 0) get the smallest live scale, not zero."""
+    if not isinstance(alpha, int | float) or not math.isfinite(alpha):
+        raise ValueError(f"alpha must be a finite number, got {alpha!r}")
+    live = abs_mean[abs_mean > 0]
+    floor = live.min() if live.numel() else abs_mean.new_tensor(1.0)
+    return abs_mean.clamp_min(floor) ** alpha
+
+
+def whitening_factor(gram: torch.Tensor) -> torch.Tensor:
+    """Lower-triangular L with gram ≈ L·Lᵀ (float64), adding the smallest jitter λ·I that makes it PD.
+
+    The jitter starts at 1e-10·mean(diag) and grows 10× per try: a rank-deficient Gram (fewer tokens than
+    channels, dead channels) gets the least regularisation that keeps the Cholesky factor finite.
+    """
+    gram = gram.to(torch.float64)
+    L, info = torch.linalg.cholesky_ex(gram)
+    if info == 0:
+        return L
+    scale = gram.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    for exponent in range(-10, 1):
+        L, info = torch.linalg.cholesky_ex(gram + scale * 10.0**exponent * eye)
+        if info == 0:
+            return L
+    raise ValueError("the Gram matrix is not positive semi-definite even with jitter: are the stats corrupt?")
+
+
+def _fit_scaling(
+    W: torch.Tensor, stats: ActivationStats | None, rank: int | None, method: str, opts: dict[str, object]
+) -> Scaling:
+    if method == "svd":
+        return Scaling()
+    abs_mean = stats.abs_mean.to(device=W.device, dtype=torch.float64)
+    if method == "asvd":
+        return Scaling(col=asvd_col_scale(abs_mean, opts["alpha"]))
+    gram = stats.gram.to(W.device)
+    if method == "svdllm":
+        return Scaling(col=whitening_factor(gram))
+    if rank is None:
+        raise ValueError("method 'sigmascale' learns its scaling for one rank: pass rank=")
+    return learn_scaling(W, gram, abs_mean, rank, **opts)
+
+
+def _truncate(
+    W64: torch.Tensor, scaling: Scaling, rank: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    left, right, sigma = truncated_svd(scaling.apply(W64), rank)
+    return scaling.unapply_left(left), scaling.unapply_right(right), sigma
+
+
+def decompose(
+    W: torch.Tensor, stats: ActivationStats | None, rank: int, method: str = "svd", **options: object
+) -> LowRankFactors:
+    """Rank-`rank` factors of W by `method`; float64 math on W's device, factors in W's dtype."""
+    opts = _options(method, options)
+    _check_inputs(W, stats, method)
+    check_rank(rank, *W.shape)
+    W64 = W.to(torch.float64)
+    scaling = _fit_scaling(W64, stats, rank, method, opts)
+    left, right, sigma = _truncate(W64, scaling, rank)
+    diagonal_col = scaling.col if scaling.col is not None and scaling.col.ndim == 1 else None
+    return LowRankFactors(
+        left=left.to(W.dtype),
+        right=right.to(W.dtype),
+        scaled_singular_values=sigma.to(W.dtype),
+        method=method,
+        row_scale=None if scaling.row is None else scaling.row.to(W.dtype),
+        col_scale=None if diagonal_col is None else diagonal_col.to(W.dtype),
+    )
+
+
+def scaled_spectrum(
+    W: torch.Tensor,
+    stats: ActivationStats | None,
+    method: str = "svd",
+    rank: int | None = None,
+    **options: object,
+) -> torch.Tensor:
+    """Singular values of the scaled matrix each method truncates (float64): what the app plots."""
+    opts = _options(method, options)
+    _check_inputs(W, stats, method)
+    W64 = W.to(torch.float64)
+    scaling = _fit_scaling(W64, stats, rank, method, opts)
+    Ws = scaling.apply(W64)
+    return gram_eigh(Ws if Ws.shape[0] >= Ws.shape[1] else Ws.mT)[0].sqrt()
+
+
+# loss(k) = Σ_{i,j>k} σ_i σ_j (u_iᵀ S_row⁻² u_j) (v_iᵀ S_col⁻¹ G S_col⁻ᵀ v_j): the error of keeping k
+# triplets of W_s is their tail, mapped back through the scaling and weighed by the Gram. One SVD gives
+# every rank at once as the diagonal of a 2-D suffix sum.
+def loss_curve(
+    W: torch.Tensor,
+    stats: ActivationStats,
+    method: str = "svd",
+    rank: int | None = None,
+    eval_stats: ActivationStats | None = None,
+    **options: object,
+) -> torch.Tensor:
+    """Relative activation loss ‖(W−W′_k)X‖²/‖WX‖² for every rank k = 0..min(m, n) (float64, length r+1).
+
+    The scaling is fitted on `stats` (for sigmascale: learned at `rank`, then held fixed for the other
+    ranks); the loss is measured on `eval_stats` when given (held-out tokens), else on `stats`.
+    """
+    opts = _options(method, options)
+    _check_inputs(W, stats, method)
+    if method == "sigmascale" and rank is not None:
+        check_rank(rank, *W.shape)
+    measured = stats if eval_stats is None else eval_stats
+    check_stats(measured, W.shape[1])
+    W64 = W.to(torch.float64)
+    scaling = _fit_scaling(W64, stats, rank, method, opts)
+    gram = measured.gram.to(W.device)
+    transpose = W64.shape[0] < W64.shape[1]
+    Ws = scaling.apply(W64)
+    eigenvalues, V = gram_eigh(Ws.mT if transpose else Ws)
+    sigma = eigenvalues.sqrt()
+    live = sigma > sigma[0] * torch.finfo(torch.float64).eps
+    U = ((Ws.mT if transpose else Ws) @ V)[:, live] / sigma[live]  # thin left vectors of the live part
+    V, sigma = V[:, live], sigma[live]
+    if transpose:
+        U, V = V, U
+    # A = Uᵀ S_row⁻² U,  B = Vᵀ S_col⁻¹ G S_col⁻ᵀ V   (r × r each)
+    U_back = scaling.unapply_left(U)
+    A = U_back.mT @ U_back
+    V_back = scaling.unapply_right(V.mT)  # (r, n) = Vᵀ S_col⁻¹
+    B = V_back @ gram @ V_back.mT
+    M = sigma[:, None] * sigma[None, :] * A * B
+    suffix = M.flip((0, 1)).cumsum(0).cumsum(1).flip((0, 1))  # suffix[i, j] = Σ_{i'≥i, j'≥j} M
+    tail = torch.zeros(min(W.shape) + 1, dtype=torch.float64, device=W.device)
+    tail[: sigma.numel()] = suffix.diagonal().clamp_min(0)
+    reference = gram_error(W64, gram)
+    if reference <= 0:
+        raise ValueError("‖WX‖² is zero on these stats: the relative loss is undefined")
+    return tail / reference
+
+
+def learn_scaling(
+    W: torch.Tensor,
+    gram: torch.Tensor,
+    abs_mean: torch.Tensor,
+    rank: int,
+    steps: int = 60,
+    lr: float = 0.05,
+    init: str = "asvd",
+    alpha: float = 0.5,
+    l2: float = 1e-4,
+    seed: int = 0,
+    init_noise: float = 0.0,
+) -> Scaling:
+    """SigmaScale: learn log-scales r (m), c (n) minimising ‖(W − W′)X‖²/‖WX‖² + l2·(mean r² + mean c²),
+    W′ = diag(e⁻ʳ)·T_k(diag(eʳ) W diag(eᶜ))·diag(e⁻ᶜ), by Adam through the rank-k truncation.
+
+    The loop runs in float32 on W's device with the loss in Gram form (cost independent of the token
+    count) and the eigh-based truncation gradient. The gauge (r + t, c − t) leaves W′ unchanged, so t is
+    fixed after every step to the value that minimises the L2 term. The returned scaling is the best
+    iterate, checked in float64 against the initialisation, so the result is never worse than its start.
+    """
+    _check_sigmascale_options(steps, lr, init, l2, init_noise)
+    with torch.inference_mode(False), torch.enable_grad():  # callable from under no_grad/inference_mode
+        start, best = _adam_on_scales(W, gram, abs_mean, rank, steps, lr, init, alpha, l2, seed, init_noise)
+    candidates = [Scaling(row=best[0].double().exp(), col=best[1].double().exp())]
+    if best is not start:
+        candidates.append(Scaling(row=start[0].double().exp(), col=start[1].double().exp()))
+    if len(candidates) == 1:
+        return candidates[0]
+    W64, gram64 = W.to(torch.float64), gram.to(torch.float64)
+    return min(candidates, key=lambda s: _exact_loss(W64, gram64, s, rank))
+
+
+def _adam_on_scales(
+    W: torch.Tensor,
+    gram: torch.Tensor,
+    abs_mean: torch.Tensor,
+    rank: int,
+    steps: int,
+    lr: float,
+    init: str,
+    alpha: float,
+    l2: float,
+    seed: int,
+    init_noise: float,
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """The optimisation loop of `learn_scaling`: returns (start, best iterate) as (r, c) pairs."""
+    m, n = W.shape
+    W32 = W.to(torch.float32).clone()
+    gram32 = gram.to(torch.float32).clone()
+    gram32 /= gram32.diagonal().mean().clamp_min(torch.finfo(torch.float32).tiny)  # keep fp32 sums tame
+    reference = gram_error(W32, gram32)
+    r = torch.zeros(m, dtype=torch.float32, device=W.device)
+    c = torch.zeros(n, dtype=torch.float32, device=W.device)
+    if init == "asvd":
+        c = asvd_col_scale(abs_mean, alpha).log().to(torch.float32)
+    if init_noise > 0:
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        r = r + init_noise * torch.randn(m, generator=generator).to(W.device)
+        c = c + init_noise * torch.randn(n, generator=generator).to(W.device)
+    start = _fix_gauge(r, c)
+    r, c = start[0].clone().requires_grad_(True), start[1].clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([r, c], lr=lr)
+    best, best_loss = start, math.inf
+    for step in range(steps + 1):  # pass `steps` only measures the last iterate
+        row, col = r.exp(), c.exp()
+        approx = rank_truncation(row[:, None] * W32 * col, rank) / row[:, None] / col
+        loss = gram_error(W32 - approx, gram32) / reference
+        if loss.item() < best_loss:
+            best_loss = loss.item()
+            best = start if step == 0 else (r.detach().clone(), c.detach().clone())
+        if step == steps:
+            break
+        optimizer.zero_grad(set_to_none=True)
+        (loss + l2 * (r.square().mean() + c.square().mean())).backward()
+        optimizer.step()
+        with torch.no_grad():
+            r_fixed, c_fixed = _fix_gauge(r, c)
+            r.copy_(r_fixed)
+            c.copy_(c_fixed)
+    return start, best
+
+
+def _exact_loss(W64: torch.Tensor, gram64: torch.Tensor, scaling: Scaling, rank: int) -> float:
+    left, right, _ = _truncate(W64, scaling, rank)
+    return float(gram_error(W64 - left @ right, gram64))
+
+
+def _fix_gauge(r: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r + t, c − t) with t = (Σc − Σr)/(m + n), the shift that minimises ‖r‖² + ‖c‖²."""
+    t = (c.sum() - r.sum()) / (r.numel() + c.numel())
+    return r + t, c - t
+
+
+def _check_sigmascale_options(
+    steps: object, lr: object, init: object, l2: object, init_noise: object
+) -> None:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be a non-negative int, got {steps!r}")
+    if not isinstance(lr, int | float) or not lr > 0:
+        raise ValueError(f"lr must be positive, got {lr!r}")
+    if init not in SIGMASCALE_INITS:
+        raise ValueError(f"unknown init {init!r}; choose one of {SIGMASCALE_INITS}")
+    if not isinstance(l2, int | float) or l2 < 0:
+        raise ValueError(f"l2 must be non-negative, got {l2!r}")
+    if not isinstance(init_noise, int | float) or init_noise < 0:
+        raise ValueError(f"init_noise must be non-negative, got {init_noise!r}")

@@ -1,0 +1,176 @@
+import pytest
+import torch
+from conftest import anisotropic_inputs, decaying_matrix
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sigmascale_core.methods import METHODS, decompose, loss_curve
+from sigmascale_core.metrics import activation_loss
+from sigmascale_core.stats import ActivationStats
+
+FAST = {"steps": 15}  # sigmascale options that keep the tests quick
+
+
+def options(method: str, **extra) -> dict:
+    return {**FAST, **extra} if method == "sigmascale" else extra
+
+
+def relative_loss(W, factors, stats) -> float:
+    return activation_loss(W, factors.to_dense(), stats)
+
+
+def whitened_tail_reference(W, X, k) -> float:
+    """Independent float64 recomputation: Σ dropped σ²(W·L) / ‖WX‖², L = chol(XᵀX) from raw X."""
+    X = X.to(torch.float64)
+    L = torch.linalg.cholesky(X.T @ X)
+    sigma = torch.linalg.svdvals(W.to(torch.float64) @ L)
+    return (sigma[k:].square().sum() / (W.to(torch.float64) @ X.T).square().sum()).item()
+
+
+@settings(max_examples=20, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    m=st.integers(4, 40),
+    n=st.integers(4, 40),
+    seed=st.integers(0, 10_000),
+    rank_fraction=st.floats(0.05, 0.95),
+)
+def test_svdllm_is_the_exact_optimum(m, n, seed, rank_fraction):
+    W = decaying_matrix(m, n, seed)
+    X = anisotropic_inputs(3 * n + 10, n, seed + 1)
+    stats = ActivationStats.from_inputs(X)
+    k = max(1, int(rank_fraction * min(m, n)))
+    best = relative_loss(W, decompose(W, stats, k, "svdllm"), stats)
+    assert best == pytest.approx(whitened_tail_reference(W, X, k), rel=1e-7, abs=1e-12)
+    for method in ("svd", "asvd", "sigmascale"):
+        other = relative_loss(W, decompose(W, stats, k, method, **options(method)), stats)
+        assert other >= best * (1 - 1e-9) - 1e-12, method
+
+
+def test_sigmascale_never_ends_above_its_initialisation(layer):
+    W, _, stats = layer
+    for k in (3, 10, 20):
+        svd = relative_loss(W, decompose(W, stats, k, "svd"), stats)
+        asvd = relative_loss(W, decompose(W, stats, k, "asvd"), stats)
+        from_identity = relative_loss(
+            W, decompose(W, stats, k, "sigmascale", init="identity", steps=30), stats
+        )
+        from_asvd = relative_loss(W, decompose(W, stats, k, "sigmascale", init="asvd", steps=30), stats)
+        assert from_identity <= svd * (1 + 1e-12)
+        assert from_asvd <= asvd * (1 + 1e-12)
+
+
+def test_sigmascale_improves_on_plain_svd_with_anisotropic_inputs(layer):
+    W, _, stats = layer
+    svd = relative_loss(W, decompose(W, stats, 10, "svd"), stats)
+    learned = relative_loss(W, decompose(W, stats, 10, "sigmascale", init="identity", steps=60), stats)
+    assert learned < 0.7 * svd
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize(("m", "n"), [(12, 7), (7, 12)])
+def test_full_rank_reproduces_W(method, m, n):
+    W = decaying_matrix(m, n, seed=3)
+    stats = ActivationStats.from_inputs(anisotropic_inputs(60, n, seed=4))
+    factors = decompose(W, stats, min(m, n), method, **options(method))
+    torch.testing.assert_close(factors.to_dense(), W, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize(("m", "n"), [(30, 18), (18, 30)])
+def test_loss_curve_agrees_with_decompose(method, m, n):
+    W = decaying_matrix(m, n, seed=5)
+    stats = ActivationStats.from_inputs(anisotropic_inputs(200, n, seed=6))
+    learned_at = 6
+    curve = loss_curve(W, stats, method, rank=learned_at, **options(method))
+    assert curve.shape == (min(m, n) + 1,)
+    assert curve[0].item() == pytest.approx(1.0, rel=1e-9)
+    assert curve[-1].item() == pytest.approx(0.0, abs=1e-12)
+    ranks = [learned_at] if method == "sigmascale" else [1, 4, learned_at, min(m, n) - 1]
+    for k in ranks:
+        direct = relative_loss(W, decompose(W, stats, k, method, **options(method)), stats)
+        assert curve[k].item() == pytest.approx(direct, rel=1e-8, abs=1e-14), k
+
+
+def test_loss_curve_on_held_out_stats(layer):
+    W, _, stats = layer
+    held_out = ActivationStats.from_inputs(anisotropic_inputs(300, 32, seed=9))
+    curve = loss_curve(W, stats, "svdllm", eval_stats=held_out)
+    factors = decompose(W, stats, 5, "svdllm")
+    assert curve[5].item() == pytest.approx(activation_loss(W, factors.to_dense(), held_out), rel=1e-8)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_rank_deficient_gram_gives_finite_factors(method):
+    n = 40
+    W = decaying_matrix(24, n, seed=7)
+    X = anisotropic_inputs(25, n, seed=8, dead=5)  # fewer tokens than channels, 5 dead channels
+    stats = ActivationStats.from_inputs(X)
+    factors = decompose(W, stats, 8, method, **options(method))
+    assert torch.isfinite(factors.left).all() and torch.isfinite(factors.right).all()
+    loss = relative_loss(W, factors, stats)
+    assert 0 <= loss < 1
+    assert torch.isfinite(loss_curve(W, stats, method, rank=8, **options(method))).all()
+
+
+def test_factors_carry_shapes_scales_and_dtype(layer):
+    W, _, stats = layer
+    W32 = W.float()
+    f = decompose(W32, stats, 5, "sigmascale", **FAST)
+    assert f.left.shape == (48, 5) and f.right.shape == (5, 32) and f.rank == 5
+    assert f.left.dtype == f.right.dtype == torch.float32 and f.left.device == W32.device
+    assert f.row_scale.shape == (48,) and f.col_scale.shape == (32,)
+    assert f.scaled_singular_values.shape == (32,)
+    assert decompose(W32, stats, 5, "asvd").row_scale is None
+    assert decompose(W32, None, 5, "svd").col_scale is None
+
+
+def test_sigmascale_is_deterministic_per_seed(layer):
+    W, _, stats = layer
+    a = decompose(W, stats, 5, "sigmascale", steps=10, init_noise=0.1, seed=1)
+    b = decompose(W, stats, 5, "sigmascale", steps=10, init_noise=0.1, seed=1)
+    c = decompose(W, stats, 5, "sigmascale", steps=10, init_noise=0.1, seed=2)
+    assert torch.equal(a.left, b.left) and torch.equal(a.right, b.right)
+    assert not torch.equal(a.left, c.left)
+
+
+def test_works_under_inference_mode(layer):
+    W, _, stats = layer
+    with torch.inference_mode():
+        f = decompose(W, stats, 5, "sigmascale", **FAST)
+    assert torch.isfinite(f.left).all()
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda W, s: decompose(W, s, 0, "svd"), "rank must be in"),
+        (lambda W, s: decompose(W, s, 33, "svd"), "rank must be in"),
+        (lambda W, s: decompose(W, s, 2.0, "svd"), "rank must be an int"),
+        (lambda W, s: decompose(W[0], s, 2, "svd"), "2-D"),
+        (lambda W, s: decompose(W[:, :10], s, 2, "asvd"), "width 32"),
+        (lambda W, s: decompose(W, s, 2, "pca"), "unknown method"),
+        (lambda W, s: decompose(W, s, 2, "asvd", beta=1), "unknown option"),
+        (lambda W, s: decompose(W, s, 2, "svd", alpha=1), "unknown option"),
+        (lambda W, s: decompose(W, s, 2, "sigmascale", init="random"), "unknown init"),
+        (lambda W, s: decompose(W, s, 2, "sigmascale", steps=-1), "steps"),
+        (lambda W, s: decompose(W, s, 2, "sigmascale", lr=0), "lr"),
+        (lambda W, s: decompose(W, None, 2, "svdllm"), "needs activation stats"),
+        (lambda W, s: loss_curve(W, s, "sigmascale"), "rank="),
+    ],
+)
+def test_bad_input_raises_value_error(layer, call, message):
+    W, _, stats = layer
+    with pytest.raises(ValueError, match=message):
+        call(W, stats)
+
+
+def test_non_finite_inputs_raise(layer):
+    W, _, stats = layer
+    bad_W = W.clone()
+    bad_W[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        decompose(bad_W, stats, 2, "svd")
+    bad_stats = ActivationStats(32, gram=stats.gram.clone(), abs_sum=stats.abs_sum.clone(), count=stats.count)
+    bad_stats.gram[1, 1] = float("inf")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        decompose(W, bad_stats, 2, "svdllm")

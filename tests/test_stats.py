@@ -1,0 +1,67 @@
+import pytest
+import torch
+
+from sigmascale_core.stats import ActivationStats
+
+
+def test_update_matches_float64_recomputation_for_2d_and_3d_inputs():
+    x = torch.randn(3, 50, 16)
+    stats = ActivationStats(16)
+    stats.update(x[:2])  # (batch, seq, n)
+    stats.update(x[2])  # (tokens, n)
+    flat = x.reshape(-1, 16).double()
+    assert stats.count == 150
+    assert stats.gram.dtype == torch.float64
+    torch.testing.assert_close(stats.gram, flat.T @ flat, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(stats.abs_mean, flat.abs().mean(0), rtol=1e-12, atol=1e-12)
+
+
+def test_low_precision_inputs_are_accumulated_in_float64():
+    x = torch.randn(6000, 8).to(torch.bfloat16)
+    stats = ActivationStats.from_inputs(x)
+    ref = x.double()
+    torch.testing.assert_close(stats.gram, ref.T @ ref, rtol=1e-12, atol=1e-9)
+
+
+def test_merge_equals_stats_of_the_union():
+    a, b = torch.randn(40, 8), torch.randn(70, 8)
+    merged = ActivationStats.from_inputs(a).merge(ActivationStats.from_inputs(b))
+    union = ActivationStats.from_inputs(torch.cat([a, b]))
+    assert merged.count == union.count == 110
+    torch.testing.assert_close(merged.gram, union.gram)
+    torch.testing.assert_close(merged.abs_mean, union.abs_mean)
+
+
+def test_save_load_round_trip(tmp_path):
+    stats = ActivationStats.from_inputs(torch.randn(30, 12))
+    path = tmp_path / "s.safetensors"
+    stats.save(path)
+    loaded = ActivationStats.load(path)
+    assert loaded.count == 30 and loaded.in_features == 12
+    assert torch.equal(loaded.gram, stats.gram) and torch.equal(loaded.abs_sum, stats.abs_sum)
+    assert [p.name for p in tmp_path.iterdir()] == ["s.safetensors"]  # no temp file left behind
+
+
+def test_corrupt_file_is_refused(tmp_path):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(ValueError, match="cannot read activation stats"):
+        ActivationStats.load(path)
+
+
+@pytest.mark.parametrize(
+    ("x", "message"),
+    [
+        (torch.randn(5, 7), "width 7"),
+        (torch.ones(5, 8, dtype=torch.int64), "floating point"),
+        (torch.tensor([[float("nan")] * 8]), "NaN"),
+    ],
+)
+def test_bad_inputs_raise(x, message):
+    with pytest.raises(ValueError, match=message):
+        ActivationStats(8).update(x)
+
+
+def test_merge_of_different_widths_raises():
+    with pytest.raises(ValueError, match="width"):
+        ActivationStats(4).merge(ActivationStats(5))
