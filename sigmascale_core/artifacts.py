@@ -27,19 +27,23 @@ def save_tensors_atomic(
         raise
 
 
-def write_json_atomic(obj: object, path: str | os.PathLike) -> None:
-    """JSON write that never leaves a half-written file at `path`."""
+def write_text_atomic(text: str, path: str | os.PathLike) -> None:
+    """Text write that never leaves a half-written file at `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2, sort_keys=True)
-            fh.write("\n")
+            fh.write(text)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(obj: object, path: str | os.PathLike) -> None:
+    """JSON write that never leaves a half-written file at `path`."""
+    write_text_atomic(json.dumps(obj, indent=2, sort_keys=True) + "\n", path)
 
 
 def cache_root() -> Path:

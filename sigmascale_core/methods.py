@@ -26,7 +26,7 @@ METHOD_OPTIONS: dict[str, dict[str, object]] = {
     "asvd": {"alpha": 0.5},  # column scale = abs_mean ** alpha
     "svdllm": {},
     "sigmascale": {
-        "steps": 60,  # Adam steps on (r, c)
+        "steps": 40,  # Adam steps on (r, c)
         "lr": 0.05,  # Adam learning rate, in log-scale units
         "init": "asvd",  # "identity" (r = c = 0, as the paper) or "asvd" (c = alpha·log abs_mean)
         "alpha": 0.5,  # ASVD exponent used by init="asvd"
@@ -247,7 +247,7 @@ def learn_scaling(
     gram: torch.Tensor,
     abs_mean: torch.Tensor,
     rank: int,
-    steps: int = 60,
+    steps: int = 40,
     lr: float = 0.05,
     init: str = "asvd",
     alpha: float = 0.5,

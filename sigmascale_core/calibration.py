@@ -1,0 +1,143 @@
+"""Calibration: stream the inputs of every target matrix into ActivationStats, one decoder layer at a time.
+
+As in llm-awq: capture what enters the first decoder layer, then for each layer hook one module per
+input group (q for q/k/v, o, gate for gate/up, down), run the layer on the captured batches, and feed
+its outputs to the next layer. Memory holds the model, the hidden states of the calibration set and
+one layer's statistics (moved to `stats_device` when the layer is done). The inputs are the *dense*
+model's activations; `sequential=True` instead compresses each layer (by a callback) before its
+outputs are computed, so later layers see the already-compressed earlier ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from sigmascale_core.artifacts import cache_root, save_tensors_atomic
+from sigmascale_core.models import INPUT_GROUPS, decoder_layers, get_module, target_matrices
+from sigmascale_core.stats import ActivationStats
+
+Progress = Callable[[int, int, str], None]  # (done, total, what)
+STATS_FORMAT = "1"  # bump when the layout of a stats file changes
+
+
+def stats_key(layer: int, group: str) -> str:
+    """Key of one shared input's statistics, e.g. '3.attn_in' (see models.INPUT_GROUPS)."""
+    return f"{layer}.{group}"
+
+
+class _Captured(Exception):
+    """Raised by the catcher hook to stop a forward pass once layer 0's inputs are recorded."""
+
+
+def _layer_inputs(
+    model: nn.Module, input_ids: torch.Tensor, batch_size: int
+) -> list[tuple[torch.Tensor, dict]]:
+    """(hidden_states, kwargs) entering decoder layer 0, one entry per batch of input_ids."""
+    device = next(model.parameters()).device
+    captured: list[tuple[torch.Tensor, dict]] = []
+
+    def catch(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.append((hidden, {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+        raise _Captured
+
+    hook = decoder_layers(model)[0].register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        for batch in input_ids.split(batch_size):
+            with contextlib.suppress(_Captured):
+                model(batch.to(device), use_cache=False)
+    finally:
+        hook.remove()
+    return captured
+
+
+def collect_stats(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    batch_size: int = 4,
+    stats_device: torch.device | str = "cpu",
+    progress: Progress | None = None,
+    compress_layer: Callable[[int, dict[str, ActivationStats]], None] | None = None,
+) -> dict[str, ActivationStats]:
+    """Statistics of every input group of every decoder layer on `input_ids` (n_samples, seq_len).
+
+    Keys are stats_key(layer, group). With `compress_layer(i, stats_of_layer_i)` (the sequential
+    variant), layer i is compressed in place right after its statistics are collected.
+    """
+    if input_ids.ndim != 2 or input_ids.numel() == 0:
+        raise ValueError(f"input_ids must be (n_samples, seq_len), got shape {tuple(input_ids.shape)}")
+    layers = decoder_layers(model)
+    refs = target_matrices(model)
+    device = next(model.parameters()).device
+    stats: dict[str, ActivationStats] = {}
+    with torch.no_grad():
+        batches = _layer_inputs(model, input_ids, batch_size)
+        for i, layer in enumerate(layers):
+            layer_stats: dict[str, ActivationStats] = {}
+            hooks = []
+            for group, kinds in INPUT_GROUPS.items():
+                reader = next(r for r in refs if r.layer == i and r.kind == kinds[0])  # one reader per input
+                layer_stats[group] = ActivationStats(reader.in_features, device=device)
+                hooks.append(
+                    get_module(model, reader.name).register_forward_pre_hook(
+                        lambda _m, args, s=layer_stats[group]: s.update(args[0])
+                    )
+                )
+            try:
+                for hidden, kwargs in batches:
+                    layer(hidden, **kwargs)
+            finally:
+                for hook in hooks:
+                    hook.remove()
+            if compress_layer is not None:
+                compress_layer(i, layer_stats)
+            batches = [(_hidden(layer(hidden, **kwargs)), kwargs) for hidden, kwargs in batches]
+            for group, s in layer_stats.items():
+                stats[stats_key(i, group)] = s.to(stats_device)
+            if progress is not None:
+                progress(i + 1, len(layers), "calibration")
+    return stats
+
+
+def _hidden(output: Any) -> torch.Tensor:
+    """A decoder layer returns a tensor (transformers 5) or a tuple starting with one (4.x)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+# ---------------------------------------------------------------------------------------------------
+# On-disk cache: one safetensors file per (model, text, samples, seq len, seed, variant), written atomically.
+
+
+def stats_cache_path(key: dict[str, object]) -> Path:
+    digest = hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=12).hexdigest()
+    return cache_root() / "stats" / f"{digest}.safetensors"
+
+
+def save_stats(stats: dict[str, ActivationStats], path: Path, key: dict[str, object]) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    for name, s in stats.items():
+        tensors.update(s.tensors(prefix=f"{name}."))
+    save_tensors_atomic(tensors, path, {"format": STATS_FORMAT, "key": json.dumps(key, sort_keys=True)})
+
+
+def load_stats(path: Path, key: dict[str, object]) -> dict[str, ActivationStats] | None:
+    """The cached stats for `key`, or None when the file is missing, corrupt or for another key."""
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            if meta.get("format") != STATS_FORMAT or meta.get("key") != json.dumps(key, sort_keys=True):
+                return None
+            tensors = {name: fh.get_tensor(name) for name in fh.keys()}  # noqa: SIM118
+        names = sorted({name.rsplit(".", 1)[0] for name in tensors})
+        return {name: ActivationStats.from_tensors(tensors, prefix=f"{name}.") for name in names}
+    except Exception:  # unreadable, truncated, wrong layout: recompute rather than trust it
+        return None

@@ -1,0 +1,406 @@
+"""`sigmascale`: the command line. argparse lives here only; every command calls the engine's functions.
+
+Exit status 0 on success, 2 with a one-line `error: ...` on bad input, 130 when interrupted (outputs
+are written atomically, so an interrupted run leaves nothing half-written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from sigmascale_core.methods import METHOD_OPTIONS, METHODS, decompose, loss_curve, scaled_spectrum
+from sigmascale_core.metrics import (
+    activation_loss,
+    effective_rank,
+    participation_ratio,
+    rank_for_retention,
+)
+from sigmascale_core.stats import ActivationStats
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _progress(desc: str):
+    """A tqdm-backed (done, total, what) callback, drawn on stderr."""
+    from tqdm import tqdm
+
+    bars: dict[str, tqdm] = {}
+
+    def update(done: int, total: int, what: str) -> None:
+        label = what if what in ("calibration", "perplexity") else desc
+        bar = bars.get(label)
+        if bar is None or bar.total != total:
+            if bar is not None:
+                bar.close()
+            bar = bars[label] = tqdm(total=total, desc=label, leave=False, file=sys.stderr)
+        bar.n = done
+        bar.set_postfix_str(what if label == desc else "", refresh=False)
+        bar.refresh()
+        if done == total:
+            bar.close()
+            del bars[label]
+
+    return update
+
+
+def _parse_options(pairs: list[str], method: str) -> dict[str, object]:
+    """--option key=value pairs, typed by the method's defaults."""
+    defaults = METHOD_OPTIONS[method]
+    options: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"--option takes key=value, got {pair!r}")
+        if key not in defaults:
+            raise ValueError(
+                f"unknown option {key!r} for {method}; it takes: {', '.join(defaults) or 'none'}"
+            )
+        kind = type(defaults[key])
+        try:
+            options[key] = kind(value) if kind is not str else value
+        except ValueError:
+            raise ValueError(f"option {key} expects {kind.__name__}, got {value!r}") from None
+    return options
+
+
+def _retention(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"retention must be a number in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"retention must be in (0, 1], got {value}")
+    return value
+
+
+def _write_json(obj: object, path: Path | None) -> None:
+    from sigmascale_core.artifacts import write_json_atomic
+
+    if path is None:
+        print(json.dumps(obj, indent=2))
+    else:
+        write_json_atomic(obj, path)
+        print(f"wrote {path}", file=sys.stderr)
+
+
+def _load(args: argparse.Namespace):
+    from sigmascale_core.models import load_model
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    return load_model(args.model, device=args.device, dtype=dtype)
+
+
+def _calibration_config(args: argparse.Namespace):
+    from sigmascale_core.pipeline import CalibrationConfig
+
+    return CalibrationConfig(args.text, args.samples, args.seq_len, args.seed, args.batch_size)
+
+
+# --------------------------------------------------------------------------------------------------
+# commands
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    """The four methods on one weight-like matrix with LLM-like inputs: no model needed."""
+    g = torch.Generator().manual_seed(args.seed)
+    m, n = args.shape
+    U, _ = torch.linalg.qr(torch.randn(m, min(m, n), generator=g))
+    V, _ = torch.linalg.qr(torch.randn(n, min(m, n), generator=g))
+    W = (U * torch.arange(1, min(m, n) + 1) ** -0.6) @ V.T
+    scales = torch.exp(torch.randn(n, generator=g))
+    scales[torch.randperm(n, generator=g)[: max(1, n // 32)]] *= 30  # outlier channels
+    stats = ActivationStats.from_inputs(torch.randn(4 * n, n, generator=g) * scales)
+    rank = rank_for_retention(m, n, args.retention)
+    print(f"W {m}x{n}, inputs with outlier channels; retention {args.retention} -> rank {rank}")
+    print(f"{'method':<11}{'rel. loss':>11}{'eff. rank':>11}{'part. ratio':>13}{'seconds':>9}")
+    for method in METHODS:
+        start = time.perf_counter()
+        factors = decompose(W, stats, rank, method)
+        seconds = time.perf_counter() - start
+        loss = activation_loss(W, factors.to_dense(), stats)
+        s = factors.scaled_singular_values
+        print(
+            f"{method:<11}{loss:>11.5f}{effective_rank(s):>11.1f}{participation_ratio(s):>13.1f}{seconds:>9.2f}"
+        )
+    print("rel. loss = ‖(W−W')X‖²/‖WX‖²; eff. rank of the spectrum each method truncates (lower = steeper)")
+
+
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    from sigmascale_core.pipeline import calibrate
+
+    loaded = _load(args)
+    stats, info = calibrate(loaded, _calibration_config(args), progress=_progress("calibration"))
+    info["groups"] = len(stats)
+    _write_json(info, args.report)
+
+
+def cmd_compress(args: argparse.Namespace) -> None:
+    from sigmascale_core.pipeline import (
+        calibrate,
+        check_texts,
+        evaluate_perplexity,
+        parameter_count,
+        peak_memory,
+        uniform_plan,
+    )
+    from sigmascale_core.plan import CompressionPlan
+    from sigmascale_core.surgery import check_plan_matches, compress, save_compressed
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise ValueError(f"--out {out} exists; pass --force to replace it")
+    evaluation = [t for t in (args.eval or "").split(",") if t]
+    check_texts(args.text, evaluation)
+    started = time.perf_counter()
+    loaded = _load(args)
+    if args.plan:
+        plan = CompressionPlan.load(args.plan)
+        check_plan_matches(loaded.model, plan, loaded.fingerprint)
+    else:
+        if args.retention is None:
+            raise ValueError("give --retention R or --plan PLAN.json")
+        plan = uniform_plan(loaded, args.retention, args.method, _parse_options(args.option, args.method))
+    total_before = parameter_count(loaded.model)
+    stats, calibration = calibrate(loaded, _calibration_config(args), progress=_progress("calibration"))
+    start = time.perf_counter()
+    compress(loaded.model, plan, stats, progress=_progress("compress"))
+    compress_seconds = time.perf_counter() - start
+    report = {
+        "model": args.model,
+        "fingerprint": loaded.fingerprint,
+        "method": plan.method,
+        "options": plan.options,
+        "target_retention": plan.target_retention,
+        "parameter_retention": plan.parameter_retention(),
+        "model_retention": plan.model_retention(total_before),
+        "calibration": calibration,
+        "compress_seconds": compress_seconds,
+    }
+    if evaluation:
+        report["perplexity"] = evaluate_perplexity(
+            loaded, evaluation, args.window, args.max_eval_tokens, progress=_progress("perplexity")
+        )
+    report["total_seconds"] = time.perf_counter() - started
+    report.update(peak_memory())
+    path = save_compressed(loaded.model, plan, out, loaded.tokenizer, report, force=args.force)
+    print(json.dumps(report, indent=2))
+    print(f"saved the compressed model to {path}", file=sys.stderr)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from sigmascale_core.pipeline import evaluate_perplexity, peak_memory
+
+    texts = [t for t in args.text.split(",") if t]
+    loaded = _load_any(args)
+    report = {
+        "model": args.model,
+        "perplexity": evaluate_perplexity(
+            loaded,
+            texts,
+            args.window,
+            args.max_eval_tokens,
+            args.batch_size,
+            progress=_progress("perplexity"),
+        ),
+    }
+    report.update(peak_memory())
+    _write_json(report, args.report)
+
+
+def _load_any(args: argparse.Namespace):
+    """A compressed output folder or anything load_model takes."""
+    from sigmascale_core.models import LoadedModel, model_family, model_fingerprint
+    from sigmascale_core.surgery import is_compressed_dir, load_compressed
+
+    if is_compressed_dir(args.model):
+        from transformers import AutoTokenizer
+
+        model, _plan = load_compressed(args.model, device=args.device)
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        return LoadedModel(model, tokenizer, args.model, model_family(model), model_fingerprint(model))
+    return _load(args)
+
+
+def cmd_spectra(args: argparse.Namespace) -> None:
+    from sigmascale_core.calibration import stats_key
+    from sigmascale_core.models import get_module, target_matrices
+    from sigmascale_core.pipeline import calibrate
+
+    loaded = _load(args)
+    refs = [r for r in target_matrices(loaded.model) if r.layer == args.layer and r.kind == args.matrix]
+    if not refs:
+        n_layers = max(r.layer for r in target_matrices(loaded.model)) + 1
+        raise ValueError(f"no matrix {args.matrix!r} in layer {args.layer} (the model has {n_layers} layers)")
+    ref = refs[0]
+    stats, _ = calibrate(loaded, _calibration_config(args), progress=_progress("calibration"))
+    W = get_module(loaded.model, ref.name).weight.detach().float()
+    layer_stats = stats[stats_key(ref.layer, ref.group)]
+    rank = rank_for_retention(*ref.shape, args.retention)
+    rows, summary = [], {"matrix": ref.name, "shape": list(ref.shape), "rank": rank, "methods": {}}
+    for method in args.methods.split(","):
+        sigma = scaled_spectrum(W, layer_stats, method, rank=rank)
+        curve = loss_curve(W, layer_stats, method, rank=rank)
+        summary["methods"][method] = {
+            "effective_rank": effective_rank(sigma),
+            "participation_ratio": participation_ratio(sigma),
+            "relative_loss_at_rank": float(curve[rank]),
+        }
+        rows += [(method, i, float(s), float(curve[i + 1])) for i, s in enumerate(sigma)]
+    if args.format == "json":
+        summary["spectra"] = [
+            dict(zip(("method", "index", "singular_value", "loss_keeping_index"), r, strict=True))
+            for r in rows
+        ]
+        _write_json(summary, args.out)
+        return
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["method", "index", "singular_value", "relative_loss_keeping_through_index"])
+    writer.writerows(rows)
+    if args.out:
+        from sigmascale_core.artifacts import write_text_atomic
+
+        write_text_atomic(buffer.getvalue(), args.out)
+    else:
+        sys.stdout.write(buffer.getvalue())
+    print(json.dumps({k: v for k, v in summary.items() if k != "spectra"}, indent=2), file=sys.stderr)
+
+
+# --------------------------------------------------------------------------------------------------
+# parser
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    from sigmascale_core.pipeline import default_device
+
+    p.add_argument(
+        "--model",
+        default="smollm2-135m",
+        help="smollm2-135m (bundled), a local HF folder, a .gguf file or a hub id (default: %(default)s)",
+    )
+    p.add_argument("--device", default=default_device(), help="torch device (default: %(default)s)")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="weights dtype while working (default: %(default)s)",
+    )
+
+
+def _calibration_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--text",
+        default="boolq:calibration",
+        help="calibration text: boolq:calibration, file:PATH or hf:NAME:CONFIG:SPLIT (default: %(default)s)",
+    )
+    p.add_argument("--samples", type=int, default=32, help="calibration sequences (default: %(default)s)")
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        help="tokens per sequence (default: 512 on CPU, 2048 on GPU, as the paper)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the windows drawn from the text (default: 0)")
+    p.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass (default: 4)")
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--window", type=int, default=None, help="perplexity window (default: min(2048, model max))"
+    )
+    p.add_argument(
+        "--max-eval-tokens",
+        type=int,
+        default=None,
+        help="score only the first N tokens of each evaluation text (default: all)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sigmascale", description="Compress LLMs by truncated SVD with learned scaling."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="the four methods on one synthetic matrix (no model needed)")
+    p.add_argument("--shape", type=int, nargs=2, default=(576, 576), metavar=("M", "N"), help="matrix shape")
+    p.add_argument("--retention", type=_retention, default=0.75, help="parameter retention (default: 0.75)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=cmd_demo)
+
+    p = sub.add_parser("calibrate", help="collect (and cache) activation statistics")
+    _model_args(p)
+    _calibration_args(p)
+    p.add_argument("--report", type=Path, help="write the JSON report here (default: stdout)")
+    p.set_defaults(run=cmd_calibrate)
+
+    p = sub.add_parser("compress", help="calibrate, compress by a plan, save (and optionally evaluate)")
+    _model_args(p)
+    _calibration_args(p)
+    p.add_argument(
+        "--method", choices=METHODS, default="sigmascale", help="decomposition (default: %(default)s)"
+    )
+    p.add_argument("--retention", type=_retention, help="uniform parameter retention in (0, 1]")
+    p.add_argument("--plan", type=Path, help="a CompressionPlan JSON (from the app) instead of --retention")
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="method option, e.g. steps=40 (repeatable; see METHOD_OPTIONS)",
+    )
+    p.add_argument("--out", required=True, help="output folder (refused if it exists, unless --force)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.add_argument(
+        "--eval", default="", help="comma-separated evaluation texts, e.g. boolq:evaluation,lambada"
+    )
+    _eval_args(p)
+    p.set_defaults(run=cmd_compress)
+
+    p = sub.add_parser("eval", help="perplexity of a dense or compressed model")
+    _model_args(p)
+    p.add_argument("--text", default="boolq:evaluation,lambada", help="comma-separated evaluation texts")
+    p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default: 1)")
+    _eval_args(p)
+    p.add_argument("--report", type=Path, help="write the JSON report here (default: stdout)")
+    p.set_defaults(run=cmd_eval)
+
+    p = sub.add_parser(
+        "spectra", help="singular values and effective ranks of one matrix, before/after scaling"
+    )
+    _model_args(p)
+    _calibration_args(p)
+    p.add_argument("--layer", type=int, required=True, help="decoder layer index")
+    p.add_argument("--matrix", choices=("q", "k", "v", "o", "gate", "up", "down"), required=True)
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods")
+    p.add_argument("--retention", type=_retention, default=0.75, help="rank cut for the loss column")
+    p.add_argument("--format", choices=("csv", "json"), default="csv")
+    p.add_argument("--out", type=Path, help="write here (default: stdout)")
+    p.set_defaults(run=cmd_spectra)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing half-written was left behind", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

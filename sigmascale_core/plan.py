@@ -1,0 +1,197 @@
+"""CompressionPlan: which rank each target matrix gets, by which method: the one object that flows from
+the app and the CLI to the engine, and is saved beside every compressed model (versioned JSON).
+
+A matrix whose rank reaches break-even, k·(m+n) ≥ m·n, would not get smaller as factors: it stays dense.
+Parameter retention is the papers' convention: parameters of the target linears after / before.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from sigmascale_core.artifacts import write_json_atomic
+from sigmascale_core.methods import METHOD_OPTIONS, METHODS
+from sigmascale_core.metrics import check_retention, rank_for_retention
+
+PLAN_VERSION = 1
+
+
+@dataclass(frozen=True)
+class MatrixPlan:
+    """One target matrix: its weight shape (out, in) and the rank it keeps (None: stays dense)."""
+
+    shape: tuple[int, int]  # (m, n) = (out_features, in_features)
+    rank: int | None  # None keeps the dense weight
+
+    @property
+    def params_before(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def is_dense(self) -> bool:
+        """Dense when asked, or when factors would hold as many parameters as W (break-even)."""
+        return self.rank is None or self.rank * (self.shape[0] + self.shape[1]) >= self.params_before
+
+    @property
+    def params_after(self) -> int:
+        return self.params_before if self.is_dense else self.rank * (self.shape[0] + self.shape[1])
+
+
+@dataclass(frozen=True)
+class CompressionPlan:
+    model_fingerprint: str  # model_fingerprint() of the model the plan was made for
+    method: str  # one of METHODS
+    options: dict[str, object]  # the method's options (see METHOD_OPTIONS); defaults fill the rest
+    matrices: dict[str, MatrixPlan]  # module name -> shape and rank, in model order
+    target_retention: float | None = None  # the global parameter retention asked for, if any
+    allocation: str = "uniform"  # how the ranks were chosen: uniform, table, or an allocator's name
+    version: int = field(default=PLAN_VERSION)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
+        unknown = sorted(set(self.options) - set(METHOD_OPTIONS[self.method]))
+        if unknown:
+            raise ValueError(f"unknown option(s) {unknown} for method {self.method!r}")
+        if self.target_retention is not None:
+            check_retention(self.target_retention)
+        if not self.matrices:
+            raise ValueError("a plan needs at least one matrix")
+        for name, matrix in self.matrices.items():
+            m, n = matrix.shape
+            if matrix.rank is not None and (
+                isinstance(matrix.rank, bool)
+                or not isinstance(matrix.rank, int)
+                or not 1 <= matrix.rank <= min(m, n)
+            ):
+                raise ValueError(
+                    f"{name}: rank must be an int in [1, {min(m, n)}] or null, got {matrix.rank!r}"
+                )
+
+    # -- constructors -------------------------------------------------------------------------------
+    @classmethod
+    def uniform(
+        cls,
+        shapes: dict[str, tuple[int, int]],
+        retention: float,
+        method: str,
+        model_fingerprint: str,
+        options: dict[str, object] | None = None,
+    ) -> CompressionPlan:
+        """Every matrix keeps `retention` of its own parameters (rank ⌊retention·m·n/(m+n)⌋, at least 1)."""
+        check_retention(retention)
+        matrices = {
+            name: MatrixPlan(tuple(shape), max(1, rank_for_retention(*shape, retention)))
+            for name, shape in shapes.items()
+        }
+        return cls(model_fingerprint, method, dict(options or {}), matrices, retention, "uniform")
+
+    @classmethod
+    def from_table(
+        cls,
+        shapes: dict[str, tuple[int, int]],
+        table: dict[str, dict[str, float | int | None]],
+        method: str,
+        model_fingerprint: str,
+        options: dict[str, object] | None = None,
+    ) -> CompressionPlan:
+        """Per-matrix choices, e.g. edited in the app: {name: {"rank": k} or {"retention": r}}; a matrix
+        missing from the table, or given rank None, stays dense."""
+        unknown = sorted(set(table) - set(shapes))
+        if unknown:
+            raise ValueError(f"the table names matrices the model does not have: {unknown[:5]}")
+        matrices = {}
+        for name, shape in shapes.items():
+            entry = table.get(name, {"rank": None})
+            if set(entry) == {"retention"}:
+                rank = max(1, rank_for_retention(*shape, entry["retention"]))
+            elif set(entry) == {"rank"}:
+                rank = entry["rank"]
+            else:
+                raise ValueError(f"{name}: give exactly one of 'rank' or 'retention', got {sorted(entry)}")
+            matrices[name] = MatrixPlan(tuple(shape), rank)
+        return cls(model_fingerprint, method, dict(options or {}), matrices, None, "table")
+
+    def with_ranks(self, ranks: dict[str, int | None], allocation: str | None = None) -> CompressionPlan:
+        """A copy with some matrices' ranks replaced."""
+        unknown = sorted(set(ranks) - set(self.matrices))
+        if unknown:
+            raise ValueError(f"no such matrices in the plan: {unknown[:5]}")
+        matrices = {
+            name: MatrixPlan(m.shape, ranks[name]) if name in ranks else m
+            for name, m in self.matrices.items()
+        }
+        return CompressionPlan(
+            self.model_fingerprint,
+            self.method,
+            self.options,
+            matrices,
+            self.target_retention,
+            allocation or self.allocation,
+        )
+
+    # -- accounting ---------------------------------------------------------------------------------
+    @property
+    def compressed(self) -> dict[str, MatrixPlan]:
+        """The matrices that will be replaced by factors (dense ones left out)."""
+        return {name: m for name, m in self.matrices.items() if not m.is_dense}
+
+    def parameter_retention(self) -> float:
+        """Parameters of the target linears after / before."""
+        before = sum(m.params_before for m in self.matrices.values())
+        return sum(m.params_after for m in self.matrices.values()) / before
+
+    def model_retention(self, total_params: int) -> float:
+        """Whole-model parameters after / before (embeddings, norms and lm_head unchanged)."""
+        saved = sum(m.params_before - m.params_after for m in self.matrices.values())
+        return (total_params - saved) / total_params
+
+    # -- JSON -----------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["matrices"] = {
+            name: {"shape": list(m.shape), "rank": m.rank} for name, m in self.matrices.items()
+        }
+        out["parameter_retention"] = self.parameter_retention()  # informative; recomputed on load
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> CompressionPlan:
+        if not isinstance(data, dict):
+            raise ValueError(f"a plan is a JSON object, got {type(data).__name__}")
+        version = data.get("version")
+        if version != PLAN_VERSION:
+            raise ValueError(
+                f"plan version {version!r} is not supported (this build reads version {PLAN_VERSION})"
+            )
+        try:
+            matrices = {
+                str(name): MatrixPlan(tuple(int(x) for x in entry["shape"]), entry["rank"])
+                for name, entry in data["matrices"].items()
+            }
+            return cls(
+                model_fingerprint=str(data["model_fingerprint"]),
+                method=data["method"],
+                options=dict(data.get("options") or {}),
+                matrices=matrices,
+                target_retention=data.get("target_retention"),
+                allocation=str(data.get("allocation", "uniform")),
+            )
+        except (KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"malformed plan: missing or bad field ({type(err).__name__}: {err})") from err
+
+    def save(self, path: str | os.PathLike) -> None:
+        write_json_atomic(self.to_dict(), path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> CompressionPlan:
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ValueError(f"no plan file at {path}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path} is not valid plan JSON: {err}") from err
+        return cls.from_dict(data)

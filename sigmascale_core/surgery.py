@@ -1,0 +1,276 @@
+"""Model surgery: fit factors for a plan (search), swap them into the model (apply), save and reload.
+
+Fit and apply are separate, as in llm-awq: `fit_factors` returns plain LowRankFactors keyed by module
+name; `apply_factors` replays them. A compressed model is saved as safetensors weights + the base
+config + the plan, atomically; `load_compressed` rebuilds it from those alone (no pickles, no refit).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from sigmascale_core.artifacts import write_json_atomic
+from sigmascale_core.calibration import stats_key
+from sigmascale_core.methods import LowRankFactors, decompose
+from sigmascale_core.models import GROUP_OF_KIND, get_module, set_module, target_matrices
+from sigmascale_core.plan import CompressionPlan
+from sigmascale_core.stats import ActivationStats
+
+Progress = Callable[[int, int, str], None]  # (done, total, what)
+PLAN_FILE = "sigmascale_plan.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+class LowRankLinear(nn.Module):
+    """y = left(right(x)) + bias: an nn.Linear(in, out) replaced by rank-k factors (two thin matmuls)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        bias: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.right = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)  # (k, n)
+        self.left = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)  # (m, k)
+
+    @classmethod
+    def from_factors(cls, factors: LowRankFactors, bias: torch.Tensor | None = None) -> LowRankLinear:
+        m, n = factors.left.shape[0], factors.right.shape[1]
+        module = cls(
+            n, m, factors.rank, bias=bias is not None, device=factors.left.device, dtype=factors.left.dtype
+        )
+        with torch.no_grad():
+            module.left.weight.copy_(factors.left)
+            module.right.weight.copy_(factors.right)
+            if bias is not None:
+                module.left.bias.copy_(bias)
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.left(self.right(x))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+def target_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """Module name -> (out, in) of every target matrix, for building plans."""
+    return {ref.name: ref.shape for ref in target_matrices(model)}
+
+
+def check_plan_matches(model: nn.Module, plan: CompressionPlan, fingerprint: str | None = None) -> None:
+    """ValueError unless the plan's matrices are this model's (and, if given, the fingerprint agrees)."""
+    shapes = target_shapes(model)
+    if fingerprint is not None and plan.model_fingerprint != fingerprint:
+        raise ValueError(
+            f"the plan was made for model {plan.model_fingerprint}, this model is {fingerprint}: make a new plan"
+        )
+    for name, matrix in plan.matrices.items():
+        if shapes.get(name) != tuple(matrix.shape):
+            raise ValueError(
+                f"plan matrix {name} {matrix.shape} does not match the model ({shapes.get(name)})"
+            )
+
+
+def fit_factors(
+    model: nn.Module,
+    plan: CompressionPlan,
+    stats: dict[str, ActivationStats],
+    progress: Progress | None = None,
+) -> dict[str, LowRankFactors]:
+    """Factors for every compressed matrix of the plan (search only: the model is not changed).
+
+    Each matrix is independent given its input's stats; the math runs on the weight's device
+    (float64 where conditioning needs it), so a GPU model keeps the GPU busy.
+    """
+    check_plan_matches(model, plan)
+    refs = {ref.name: ref for ref in target_matrices(model)}
+    todo = plan.compressed
+    factors = {}
+    for done, (name, matrix) in enumerate(todo.items(), start=1):
+        ref = refs[name]
+        weight = get_module(model, name).weight.detach()
+        key = stats_key(ref.layer, GROUP_OF_KIND[ref.kind])
+        if key not in stats:
+            raise ValueError(f"no calibration stats for {name} (expected key {key!r})")
+        layer_stats = stats[key].to(weight.device)
+        factors[name] = decompose(weight, layer_stats, matrix.rank, plan.method, **plan.options)
+        if progress is not None:
+            progress(done, len(todo), name)
+    return factors
+
+
+def apply_factors(model: nn.Module, factors: dict[str, LowRankFactors]) -> None:
+    """Replace each named nn.Linear by a LowRankLinear holding its factors (bias kept), in place."""
+    for name, f in factors.items():
+        old = get_module(model, name)
+        if not isinstance(old, nn.Linear):
+            raise ValueError(f"{name} is a {type(old).__name__}, not an nn.Linear: already compressed?")
+        if (f.left.shape[0], f.right.shape[1]) != (old.out_features, old.in_features):
+            raise ValueError(
+                f"factors for {name} are {f.left.shape[0]}×{f.right.shape[1]}, the layer is "
+                f"{old.out_features}×{old.in_features}"
+            )
+        bias = None if old.bias is None else old.bias.detach()
+        new = LowRankLinear.from_factors(f, bias)
+        set_module(model, name, new.to(device=old.weight.device, dtype=old.weight.dtype))
+
+
+def compress(
+    model: nn.Module,
+    plan: CompressionPlan,
+    stats: dict[str, ActivationStats],
+    progress: Progress | None = None,
+) -> dict[str, LowRankFactors]:
+    """fit_factors + apply_factors: the model is compressed in place; the factors are returned."""
+    factors = fit_factors(model, plan, stats, progress)
+    apply_factors(model, factors)
+    return factors
+
+
+def _empty_low_rank(model: nn.Module, plan: CompressionPlan) -> None:
+    """Swap in LowRankLinear shells of the plan's ranks (weights to be loaded)."""
+    for name, matrix in plan.compressed.items():
+        old = get_module(model, name)
+        shell = LowRankLinear(
+            old.in_features,
+            old.out_features,
+            matrix.rank,
+            bias=old.bias is not None,
+            device="meta",
+            dtype=old.weight.dtype,
+        )
+        set_module(model, name, shell)
+
+
+def save_compressed(
+    model: nn.Module,
+    plan: CompressionPlan,
+    out_dir: str | os.PathLike,
+    tokenizer: Any = None,
+    report: dict | None = None,
+    force: bool = False,
+) -> Path:
+    """Write weights (safetensors), config, plan, tokenizer and report into `out_dir` atomically.
+
+    Everything is written into a temp folder beside `out_dir`, then renamed into place: an interrupted
+    save leaves no half-written model. An existing `out_dir` is refused unless `force`.
+    """
+    out = Path(out_dir).resolve()
+    if out.exists() and not force:
+        raise ValueError(f"{out} exists; pass force=True (--force) to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        save_file(_untied_state(model), str(tmp / WEIGHTS_FILE))
+        (tmp / "config.json").write_text(model.config.to_json_string())
+        plan.save(tmp / PLAN_FILE)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if report is not None:
+            write_json_atomic(report, tmp / "report.json")
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _untied_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with each shared tensor once (tied lm_head/embeddings): safetensors refuses aliases."""
+    seen: set[tuple[int, int, tuple[int, ...]]] = set()
+    state = {}
+    for name, tensor in model.state_dict().items():
+        identity = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if identity not in seen:
+            seen.add(identity)
+            state[name] = tensor.detach().contiguous()
+    return state
+
+
+def is_compressed_dir(path: str | os.PathLike) -> bool:
+    return (Path(path) / PLAN_FILE).is_file() and (Path(path) / WEIGHTS_FILE).is_file()
+
+
+def load_compressed(
+    directory: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+) -> tuple[nn.Module, CompressionPlan]:
+    """Rebuild a saved compressed model: base architecture from its config, LowRankLinear where the plan
+    says, weights from safetensors (no pickles, no recompression)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    directory = Path(directory)
+    if not is_compressed_dir(directory):
+        raise ValueError(f"{directory} is not a SigmaScale output folder (no {PLAN_FILE} + {WEIGHTS_FILE})")
+    plan = CompressionPlan.load(directory / PLAN_FILE)
+    config = AutoConfig.from_pretrained(directory)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    check_plan_matches(model, plan)
+    _empty_low_rank(model, plan)
+    try:
+        state = load_file(str(directory / WEIGHTS_FILE), device=str(device))
+    except Exception as err:
+        raise ValueError(f"cannot read {directory / WEIGHTS_FILE}: {err}") from err
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if unexpected:
+        raise ValueError(f"{directory}: weights do not match the plan (unexpected {unexpected[:3]})")
+    model.tie_weights()  # tied copies (lm_head = embeddings) were saved once
+    still_meta = [name for name, p in model.named_parameters() if p.is_meta]
+    if still_meta:
+        raise ValueError(
+            f"{directory}: weights missing from {WEIGHTS_FILE}: {still_meta[:3]} (of {len(missing)})"
+        )
+    _materialise_buffers(model, device)
+    return model.to(device).eval(), plan
+
+
+def _materialise_buffers(model: nn.Module, device: torch.device | str) -> None:
+    """Non-persistent buffers (rotary inv_freq) are not in the file: rebuild their modules off meta."""
+    for name, module in list(model.named_modules()):
+        if any(b.is_meta for b in module.buffers(recurse=False)) and hasattr(module, "config"):
+            with torch.device(device):
+                set_module(model, name, type(module)(config=module.config))
+    leftover = [name for name, b in model.named_buffers() if b.is_meta]
+    if leftover:
+        raise ValueError(f"buffers left on the meta device after loading: {leftover[:3]}")
+
+
+def plan_summary(plan: CompressionPlan) -> dict:
+    """The numbers a report shows about a plan."""
+    return json.loads(
+        json.dumps(
+            {
+                "method": plan.method,
+                "options": plan.options,
+                "target_retention": plan.target_retention,
+                "parameter_retention": plan.parameter_retention(),
+                "matrices": len(plan.matrices),
+                "compressed": len(plan.compressed),
+            }
+        )
+    )
