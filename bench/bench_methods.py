@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from paper_baseline import paper_sigmascale  # noqa: E402
+from paper_baseline import paper_sigmascale
 
-from sigmascale_core import ActivationStats, activation_loss, decompose, rank_for_retention  # noqa: E402
+from sigmascale_core import ActivationStats, activation_loss, decompose, rank_for_retention
 
 KINDS = {"q": "attn_in", "k": "attn_in", "gate": "mlp_in", "down": "mlp_out"}  # one per distinct shape
 SHAPES = {"q": (576, 576), "k": (192, 576), "gate": (1536, 576), "down": (576, 1536)}
@@ -52,7 +52,9 @@ def bundled_layer(tokens: int, layer: int) -> dict[str, tuple[torch.Tensor, torc
 
     loaded = load_model()
     ids = calibration_batch(loaded.tokenizer, loaded.family, "boolq:calibration", tokens // 512, 512, seed=0)
-    refs = {ref.kind: ref for ref in target_matrices(loaded.model) if ref.layer == layer and ref.kind in KINDS}
+    refs = {
+        ref.kind: ref for ref in target_matrices(loaded.model) if ref.layer == layer and ref.kind in KINDS
+    }
     captured: dict[str, list[torch.Tensor]] = {kind: [] for kind in KINDS}
     hooks = [
         get_module(loaded.model, refs[kind].name).register_forward_pre_hook(
@@ -105,7 +107,9 @@ def bench_matrix(W: torch.Tensor, X: torch.Tensor, retention: float, args: argpa
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--source", choices=("bundled", "synthetic"), default="bundled")
     parser.add_argument("--layer", type=int, default=10, help="decoder layer of the bundled model")
     parser.add_argument("--retention", type=float, default=0.75, help="parameter retention per matrix")
@@ -117,8 +121,12 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
     torch.manual_seed(0)
-    layer = bundled_layer(args.tokens, args.layer) if args.source == "bundled" else synthetic_layer(args.tokens)
-    print(f"threads={torch.get_num_threads()} source={args.source} retention={args.retention} tokens={args.tokens}")
+    layer = (
+        bundled_layer(args.tokens, args.layer) if args.source == "bundled" else synthetic_layer(args.tokens)
+    )
+    print(
+        f"threads={torch.get_num_threads()} source={args.source} retention={args.retention} tokens={args.tokens}"
+    )
     header = (
         f"{'matrix':<6}{'shape':>11}{'rank':>6} | {'baseline s':>10}{'loss':>9} | {'ours s':>7}{'loss':>9} | "
         f"{'speedup':>8}{'@65k tok':>9} | {'asvd':>8}{'svdllm':>8}"
@@ -137,7 +145,9 @@ def main() -> None:
         )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "rows": rows}, indent=2))
+        args.json.write_text(
+            json.dumps({"args": vars(args) | {"json": str(args.json)}, "rows": rows}, indent=2)
+        )
 
 
 if __name__ == "__main__":

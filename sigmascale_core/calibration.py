@@ -93,14 +93,14 @@ def collect_stats(
                     )
                 )
             try:
-                for hidden, kwargs in batches:
-                    layer(hidden, **kwargs)
+                outputs = [_hidden(layer(hidden, **kwargs)) for hidden, kwargs in batches]
             finally:
                 for hook in hooks:
                     hook.remove()
-            if compress_layer is not None:
+            if compress_layer is not None:  # the next layer must see this one compressed
                 compress_layer(i, layer_stats)
-            batches = [(_hidden(layer(hidden, **kwargs)), kwargs) for hidden, kwargs in batches]
+                outputs = [_hidden(layer(hidden, **kwargs)) for hidden, kwargs in batches]
+            batches = [(out, kwargs) for out, (_, kwargs) in zip(outputs, batches, strict=True)]
             for group, s in layer_stats.items():
                 stats[stats_key(i, group)] = s.to(stats_device)
             if progress is not None:

@@ -50,7 +50,7 @@ def test_layerwise_stats_equal_full_forward_reference(family):
         s = stats[stats_key(ref.layer, GROUP_OF_KIND[ref.kind])]
         X = reference[ref.name]
         assert s.count == 5 * 24
-        torch.testing.assert_close(s.gram, X.T @ X, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(s.gram, X.T @ X, rtol=1e-5, atol=1e-5 * (X.T @ X).abs().max().item())
         torch.testing.assert_close(s.abs_mean, X.abs().mean(0), rtol=1e-5, atol=1e-7)
 
 
