@@ -23,9 +23,9 @@ from torch import nn
 
 from sigmascale_core.artifacts import cache_root, save_tensors_atomic
 from sigmascale_core.models import INPUT_GROUPS, decoder_layers, get_module, target_matrices
+from sigmascale_core.progress import Progress
 from sigmascale_core.stats import ActivationStats
 
-Progress = Callable[[int, int, str], None]  # (done, total, what)
 STATS_FORMAT = "1"  # bump when the layout of a stats file changes
 
 

@@ -199,19 +199,39 @@ def cmd_compress(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from sigmascale_core.pipeline import evaluate_perplexity, peak_memory
 
-    texts = [t for t in args.text.split(",") if t]
+    tasks = [t for t in args.tasks.split(",") if t]
+    zero_shot = [t for t in tasks if t != "ppl"]
+    if zero_shot:
+        from sigmascale_core.zeroshot import resolve_task_names
+
+        resolve_task_names(zero_shot)  # unknown names fail before the model loads
     loaded = _load_any(args)
-    report = {
-        "model": args.model,
-        "perplexity": evaluate_perplexity(
+    report: dict[str, object] = {"model": args.model}
+    if "ppl" in tasks:
+        texts = [t for t in args.text.split(",") if t]
+        report["perplexity"] = evaluate_perplexity(
             loaded,
             texts,
             args.window,
             args.max_eval_tokens,
             args.batch_size,
             progress=_progress("perplexity"),
-        ),
-    }
+        )
+    if zero_shot:
+        if args.backend == "lm-eval":
+            from sigmascale_core.lm_eval_backend import evaluate_with_lm_eval
+
+            results = evaluate_with_lm_eval(loaded.model, loaded.tokenizer, zero_shot, limit=args.limit)
+        else:
+            from sigmascale_core.zeroshot import evaluate_tasks
+
+            results = evaluate_tasks(
+                loaded.model, loaded.tokenizer, zero_shot, limit=args.limit, progress=_progress("zero-shot")
+            )
+        if not args.items:
+            for task in results["tasks"].values():
+                task.pop("items", None)
+        report["zero_shot"] = {"backend": args.backend, "limit": args.limit, **results}
     report.update(peak_memory())
     _write_json(report, args.report)
 
@@ -366,9 +386,25 @@ def build_parser() -> argparse.ArgumentParser:
     _eval_args(p)
     p.set_defaults(run=cmd_compress)
 
-    p = sub.add_parser("eval", help="perplexity of a dense or compressed model")
+    p = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a dense or compressed model")
     _model_args(p)
-    p.add_argument("--text", default="boolq:evaluation,lambada", help="comma-separated evaluation texts")
+    p.add_argument(
+        "--tasks",
+        default="ppl",
+        help="comma-separated: ppl (perplexity on --text), piqa, hellaswag, winogrande, arc_easy, "
+        "arc_challenge, openbookqa (default: %(default)s)",
+    )
+    p.add_argument(
+        "--text", default="boolq:evaluation,lambada", help="comma-separated evaluation texts for ppl"
+    )
+    p.add_argument("--limit", type=int, default=None, help="zero-shot: the first N items of each task")
+    p.add_argument(
+        "--backend",
+        choices=("sigmascale", "lm-eval"),
+        default="sigmascale",
+        help="zero-shot scorer: ours, or lm-evaluation-harness on the same files (default: ours)",
+    )
+    p.add_argument("--items", action="store_true", help="zero-shot: keep per-item predictions in the report")
     p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default: 1)")
     _eval_args(p)
     p.add_argument("--report", type=Path, help="write the JSON report here (default: stdout)")

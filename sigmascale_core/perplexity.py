@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-Progress = Callable[[int, int, str], None]  # (done, total, what)
+from sigmascale_core.progress import Progress
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import resource
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -16,11 +15,10 @@ from sigmascale_core.calibration import collect_stats, load_stats, save_stats, s
 from sigmascale_core.models import LoadedModel, tokenizer_fingerprint
 from sigmascale_core.perplexity import perplexity
 from sigmascale_core.plan import CompressionPlan
+from sigmascale_core.progress import Progress
 from sigmascale_core.stats import ActivationStats
 from sigmascale_core.surgery import target_shapes
 from sigmascale_core.text import calibration_batch, check_disjoint, evaluation_tokens
-
-Progress = Callable[[int, int, str], None]  # (done, total, what)
 
 DEFAULT_CALIBRATION_TEXT = "boolq:calibration"
 DEFAULT_EVALUATION_TEXTS = ("boolq:evaluation", "lambada")

@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +23,9 @@ from sigmascale_core.calibration import stats_key
 from sigmascale_core.methods import LowRankFactors, decompose
 from sigmascale_core.models import GROUP_OF_KIND, get_module, set_module, target_matrices
 from sigmascale_core.plan import CompressionPlan
+from sigmascale_core.progress import Progress
 from sigmascale_core.stats import ActivationStats
 
-Progress = Callable[[int, int, str], None]  # (done, total, what)
 PLAN_FILE = "sigmascale_plan.json"
 WEIGHTS_FILE = "model.safetensors"
 

@@ -28,8 +28,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-# A progress callback: (task name, requests scored so far, requests in the task).
-ProgressFn = Callable[[str, int, int], None]
+from sigmascale_core.progress import Progress  # here: (requests scored, requests in the task, task name)
 
 _TARGET_DELIMITER = " "  # lm-eval's TaskConfig.target_delimiter default: joins context and choice
 _DEFAULT_MAX_LENGTH = 2048  # lm-eval's DEFAULT_MAX_LENGTH when neither config nor tokenizer says
@@ -443,7 +442,7 @@ def evaluate_tasks(
     tasks: str | Sequence[str],
     limit: int | float | None = None,
     batch_size: int = 16,
-    progress: ProgressFn | None = None,
+    progress: Progress | None = None,
     *,
     max_length: int | None = None,
     add_bos_token: bool | None = None,
@@ -466,7 +465,7 @@ def evaluate_tasks(
         task_items = items[name]
         requests = [request for item in task_items for request in item.requests]
         encoded = [encode_request(tokenizer, ctx, cont, add_bos_token) for ctx, cont in requests]
-        report = (lambda done, total, name=name: progress(name, done, total)) if progress else None
+        report = (lambda done, total, name=name: progress(done, total, name)) if progress else None
         flat = token_loglikelihoods(model, encoded, batch_size, window, report)
         rows, start = [], 0
         for item in task_items:

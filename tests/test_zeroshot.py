@@ -399,7 +399,7 @@ def test_known_answers_end_to_end(tmp_path):
     assert piqa["acc"] == pytest.approx(1 / 3) and piqa["acc_norm"] == pytest.approx(2 / 3)
     assert piqa["items"][0]["logliks"] == pytest.approx([-20.0, -110.0], abs=0.2)
     assert result["mean_acc"] == piqa["acc"] and result["mean_acc_norm"] == piqa["acc_norm"]
-    assert calls[-1] == ("piqa", 6, 6) and all(task == "piqa" for task, _, _ in calls)
+    assert calls[-1] == (6, 6, "piqa") and all(task == "piqa" for _, _, task in calls)
 
 
 def test_evaluate_tasks_shape_and_consistency():

@@ -1,0 +1,205 @@
+import json
+
+import pytest
+import torch
+from tiny import tiny_model
+from transformers import AutoTokenizer, BertConfig
+
+from sigmascale_core.cli import main
+from sigmascale_core.models import bundled_model_dir
+from sigmascale_core.plan import CompressionPlan
+from sigmascale_core.surgery import load_compressed
+
+
+def run(argv, capsys):
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_demo_prints_every_method(capsys):
+    code, out, _ = run(["demo", "--shape", "40", "24", "--retention", "0.5"], capsys)
+    assert code == 0
+    for method in ("svd", "asvd", "svdllm", "sigmascale"):
+        assert f"\n{method} " in out
+
+
+@pytest.mark.parametrize("retention", ["0", "1.5", "abc"])
+def test_bad_retention_is_a_one_line_error(retention, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compress", "--retention", retention, "--out", str(tmp_path / "o")])
+    assert exit_info.value.code == 2
+    assert "retention must be" in capsys.readouterr().err
+
+
+def test_existing_out_is_refused_without_force(capsys, tmp_path):
+    code, _, err = run(["compress", "--retention", "0.5", "--out", str(tmp_path)], capsys)
+    assert code == 2 and "exists" in err and "--force" in err
+
+
+def test_corrupt_plan_is_refused(capsys, tmp_path):
+    plan = tmp_path / "plan.json"
+    plan.write_text('{"version": 1, "matr')
+    code, _, err = run(["compress", "--plan", str(plan), "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "not valid plan JSON" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_model_is_refused(capsys, tmp_path):
+    code, _, err = run(["eval", "--model", str(tmp_path / "nope"), "--tasks", "ppl"], capsys)
+    assert code == 2 and "no such file or directory" in err
+
+
+def test_non_causal_model_names_what_was_found(capsys, tmp_path):
+    BertConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+    ).save_pretrained(tmp_path)
+    code, _, err = run(["eval", "--model", str(tmp_path)], capsys)
+    assert code == 2 and "bert" in err.lower()
+
+
+def test_unknown_task_fails_before_loading(capsys):
+    code, _, err = run(["eval", "--tasks", "ppl,mmlu"], capsys)
+    assert code == 2 and "mmlu" in err
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama saved with the bundled model's tokenizer (a real tokenizer, a tiny network)."""
+    tokenizer = AutoTokenizer.from_pretrained(bundled_model_dir())
+    model = tiny_model("llama")
+    model.resize_token_embeddings(len(tokenizer))
+    directory = tmp_path_factory.mktemp("tiny")
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def test_compress_then_eval_round_trip(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "compressed"
+    args = ["--model", str(tiny_model_dir), "--device", "cpu", "--samples", "2", "--seq-len", "32"]
+    code, stdout, err = run(
+        [
+            "compress",
+            *args,
+            "--method",
+            "svdllm",
+            "--retention",
+            "0.5",
+            "--out",
+            str(out),
+            "--eval",
+            "boolq:evaluation",
+            "--max-eval-tokens",
+            "256",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert report == json.loads((out / "report.json").read_text())
+    assert report["parameter_retention"] == pytest.approx(
+        CompressionPlan.load(out / "sigmascale_plan.json").parameter_retention()
+    )
+    assert report["perplexity"]["boolq:evaluation"]["tokens"] == 255
+    code, stdout, err = run(
+        [
+            "eval",
+            "--model",
+            str(out),
+            "--device",
+            "cpu",
+            "--text",
+            "boolq:evaluation",
+            "--max-eval-tokens",
+            "256",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    again = json.loads(stdout)["perplexity"]["boolq:evaluation"]["perplexity"]
+    assert again == pytest.approx(report["perplexity"]["boolq:evaluation"]["perplexity"], rel=1e-5)
+    model, _ = load_compressed(out)
+    assert (
+        sum(p.numel() for p in model.parameters())
+        < sum(p.numel() for p in tiny_model("llama").parameters()) + 10**7
+    )
+    code, _, err = run(
+        ["compress", *args, "--retention", "0.5", "--out", str(out), "--eval", "boolq:calibration"], capsys
+    )
+    assert code == 2  # out exists (checked before anything loads)
+
+
+def test_calibration_and_evaluation_text_must_not_overlap(tiny_model_dir, tmp_path, capsys):
+    code, _, err = run(
+        [
+            "compress",
+            "--model",
+            str(tiny_model_dir),
+            "--retention",
+            "0.5",
+            "--out",
+            str(tmp_path / "o"),
+            "--eval",
+            "boolq:calibration",
+        ],
+        capsys,
+    )
+    assert code == 2 and "both calibration" in err
+
+
+def test_too_short_calibration_text_says_how_many_tokens(tiny_model_dir, tmp_path, capsys):
+    text = tmp_path / "short.txt"
+    text.write_text("only a few words here")
+    code, _, err = run(
+        [
+            "calibrate",
+            "--model",
+            str(tiny_model_dir),
+            "--device",
+            "cpu",
+            "--text",
+            f"file:{text}",
+            "--samples",
+            "4",
+            "--seq-len",
+            "64",
+        ],
+        capsys,
+    )
+    assert code == 2 and "tokens" in err and "256" in err
+
+
+def test_spectra_csv_and_json(tiny_model_dir, tmp_path, capsys):
+    args = [
+        "spectra",
+        "--model",
+        str(tiny_model_dir),
+        "--device",
+        "cpu",
+        "--samples",
+        "2",
+        "--seq-len",
+        "32",
+        "--layer",
+        "1",
+        "--matrix",
+        "down",
+        "--methods",
+        "svd,svdllm",
+    ]
+    code, out, err = run(args, capsys)
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert lines[0].startswith("method,index,singular_value")
+    assert len(lines) == 1 + 2 * 64  # two methods × min(64, 96) singular values
+    code, _, err = run([*args, "--format", "json", "--out", str(tmp_path / "s.json")], capsys)
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["shape"] == [64, 96] and set(summary["methods"]) == {"svd", "svdllm"}
+    assert (
+        summary["methods"]["svdllm"]["relative_loss_at_rank"]
+        <= summary["methods"]["svd"]["relative_loss_at_rank"]
+    )
+    code, _, err = run([*args[:-4], "--layer", "7", "--matrix", "q"], capsys)
+    assert code == 2 and "2 layers" in err
+    assert torch.isfinite(torch.tensor(summary["methods"]["svd"]["effective_rank"]))
