@@ -210,6 +210,8 @@ def encode_documents(
         if family not in FAMILIES:
             raise ValueError(f"unknown family {family!r}; supported: {_supported()}")
         add_bos = FAMILIES[family].add_bos
+    if not texts:
+        return []
     ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
     bos = getattr(tokenizer, "bos_token_id", None)
     prefix = [bos] if add_bos and bos is not None else []
@@ -372,6 +374,8 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
         _convert_into(gguf, tmp)
         _write_manifest(tmp, gguf)
         tmp.chmod(0o755)  # mkdtemp makes it private; the copy is as shareable as the rest of the cache
+        if _copy_is_valid(out, gguf):  # another process finished first: keep theirs, maybe in use
+            return out
         if out.exists():
             trash = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
             with contextlib.suppress(FileNotFoundError):  # someone else removed it meanwhile
