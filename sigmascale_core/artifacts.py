@@ -11,6 +11,14 @@ import torch
 from safetensors.torch import save_file
 
 
+def _publish(tmp: str, path: Path) -> None:
+    """Rename a finished temp file into place, readable like any file the user writes (mkstemp makes 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+
+
 def save_tensors_atomic(
     tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
 ) -> None:
@@ -21,7 +29,7 @@ def save_tensors_atomic(
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -35,7 +43,7 @@ def write_text_atomic(text: str, path: str | os.PathLike) -> None:
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from sigmascale_core.metrics import check_matrix, check_rank, check_stats, gram_error
-from sigmascale_core.spectral import gram_eigh, rank_truncation, truncated_svd
+from sigmascale_core.spectral import gram_eigh, rank_truncation, singular_values, truncated_svd
 from sigmascale_core.stats import ActivationStats
 
 METHODS = ("svd", "asvd", "svdllm", "sigmascale")
@@ -188,9 +188,7 @@ def scaled_spectrum(
     opts = _options(method, options)
     _check_inputs(W, stats, method)
     W64 = W.to(torch.float64)
-    scaling = _fit_scaling(W64, stats, rank, method, opts)
-    Ws = scaling.apply(W64)
-    return gram_eigh(Ws if Ws.shape[0] >= Ws.shape[1] else Ws.mT)[0].sqrt()
+    return singular_values(_fit_scaling(W64, stats, rank, method, opts).apply(W64))
 
 
 # loss(k) = Σ_{i,j>k} σ_i σ_j (u_iᵀ S_row⁻² u_j) (v_iᵀ S_col⁻¹ G S_col⁻ᵀ v_j): the error of keeping k

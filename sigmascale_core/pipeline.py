@@ -85,7 +85,7 @@ def uniform_plan(
 
 
 def check_texts(calibration: str | None, evaluation: list[str]) -> None:
-    """Refuse evaluation text that shares documents with the calibration text (or with each other is fine)."""
+    """ValueError if any evaluation text shares a document with the calibration text."""
     for spec in evaluation:
         check_disjoint(calibration=calibration, evaluation=spec)
 
