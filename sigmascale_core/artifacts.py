@@ -11,11 +11,18 @@ import torch
 from safetensors.torch import save_file
 
 
-def _publish(tmp: str, path: Path) -> None:
-    """Rename a finished temp file into place, readable like any file the user writes (mkstemp makes 0600)."""
+def _read_umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
+    return umask
+
+
+_UMASK = _read_umask()  # read once at import: os.umask is process-wide, racy once threads run
+
+
+def _publish(tmp: str, path: Path) -> None:
+    """Rename a finished temp file into place, readable like any file the user writes (mkstemp makes 0600)."""
+    os.chmod(tmp, 0o666 & ~_UMASK)
     os.replace(tmp, path)
 
 
