@@ -1,7 +1,7 @@
 """Whole-model table: dense and every method × retention on the bundled SmolLM2, perplexity on both
 evaluation texts, wall time per row. Produces the README's results table.
 
-    python bench/model_table.py --max-eval-tokens 32768 --out bench/results/model_table.json
+    python bench/model_table.py --max-eval-tokens 8192 --out bench/results/model_table.json
 
 Calibration (boolq:calibration, 32 × 512 tokens, seed 0) is computed once and shared (cached under
 cache/); each row compresses a fresh copy of the dense model. Evaluation texts are disjoint from the
@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--retentions", default="0.95,0.9,0.75,0.5")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--texts", default=",".join(DEFAULT_EVALUATION_TEXTS))
-    parser.add_argument("--max-eval-tokens", type=int, default=32768, help="tokens scored per text")
+    parser.add_argument("--max-eval-tokens", type=int, default=8192, help="tokens scored per text")
     parser.add_argument("--out", type=Path, default=Path("bench/results/model_table.json"))
     args = parser.parse_args()
     texts = args.texts.split(",")
