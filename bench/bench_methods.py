@@ -26,23 +26,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from paper_baseline import paper_sigmascale
 
 from sigmascale_core import ActivationStats, activation_loss, decompose, rank_for_retention
+from sigmascale_core.synthetic import synthetic_layer
 
 KINDS = {"q": "attn_in", "k": "attn_in", "gate": "mlp_in", "down": "mlp_out"}  # one per distinct shape
 SHAPES = {"q": (576, 576), "k": (192, 576), "gate": (1536, 576), "down": (576, 1536)}
 
 
-def synthetic_layer(tokens: int, seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Weight-like matrices (power-law spectra) and LLM-like inputs (log-normal channel scales, outliers)."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for kind, (m, n) in SHAPES.items():
-        U, _ = torch.linalg.qr(torch.randn(m, min(m, n), generator=g))
-        V, _ = torch.linalg.qr(torch.randn(n, min(m, n), generator=g))
-        W = (U * torch.arange(1, min(m, n) + 1) ** -0.6) @ V.T
-        scales = torch.exp(torch.randn(n, generator=g))
-        scales[torch.randperm(n, generator=g)[: n // 64]] *= 30
-        out[kind] = (W, torch.randn(tokens, n, generator=g) * scales)
-    return out
+def synthetic_matrices(tokens: int, seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """One synthetic (W, X) per SmolLM2 shape."""
+    return {kind: synthetic_layer(m, n, tokens, seed + i) for i, (kind, (m, n)) in enumerate(SHAPES.items())}
 
 
 def bundled_layer(tokens: int, layer: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -122,7 +114,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     layer = (
-        bundled_layer(args.tokens, args.layer) if args.source == "bundled" else synthetic_layer(args.tokens)
+        bundled_layer(args.tokens, args.layer)
+        if args.source == "bundled"
+        else synthetic_matrices(args.tokens)
     )
     print(
         f"threads={torch.get_num_threads()} source={args.source} retention={args.retention} tokens={args.tokens}"

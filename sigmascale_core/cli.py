@@ -111,14 +111,11 @@ def _calibration_config(args: argparse.Namespace):
 
 def cmd_demo(args: argparse.Namespace) -> None:
     """The four methods on one weight-like matrix with LLM-like inputs: no model needed."""
-    g = torch.Generator().manual_seed(args.seed)
+    from sigmascale_core.synthetic import synthetic_layer
+
     m, n = args.shape
-    U, _ = torch.linalg.qr(torch.randn(m, min(m, n), generator=g))
-    V, _ = torch.linalg.qr(torch.randn(n, min(m, n), generator=g))
-    W = (U * torch.arange(1, min(m, n) + 1) ** -0.6) @ V.T
-    scales = torch.exp(torch.randn(n, generator=g))
-    scales[torch.randperm(n, generator=g)[: max(1, n // 32)]] *= 30  # outlier channels
-    stats = ActivationStats.from_inputs(torch.randn(4 * n, n, generator=g) * scales)
+    W, X = synthetic_layer(m, n, tokens=4 * n, seed=args.seed)
+    stats = ActivationStats.from_inputs(X)
     rank = rank_for_retention(m, n, args.retention)
     print(f"W {m}x{n}, inputs with outlier channels; retention {args.retention} -> rank {rank}")
     print(f"{'method':<11}{'rel. loss':>11}{'eff. rank':>11}{'part. ratio':>13}{'seconds':>9}")
