@@ -144,6 +144,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
     from sigmascale_core.pipeline import (
         calibrate,
         check_texts,
+        compress_sequential,
         evaluate_perplexity,
         parameter_count,
         peak_memory,
@@ -167,9 +168,15 @@ def cmd_compress(args: argparse.Namespace) -> None:
             raise ValueError("give --retention R or --plan PLAN.json")
         plan = uniform_plan(loaded, args.retention, args.method, _parse_options(args.option, args.method))
     total_before = parameter_count(loaded.model)
-    stats, calibration = calibrate(loaded, _calibration_config(args), progress=_progress("calibration"))
     start = time.perf_counter()
-    compress(loaded.model, plan, stats, progress=_progress("compress"))
+    if args.sequential:
+        _, calibration = compress_sequential(
+            loaded, plan, _calibration_config(args), _progress("calibration")
+        )
+    else:
+        stats, calibration = calibrate(loaded, _calibration_config(args), progress=_progress("calibration"))
+        start = time.perf_counter()
+        compress(loaded.model, plan, stats, progress=_progress("compress"))
     compress_seconds = time.perf_counter() - start
     report = {
         "model": args.model,
@@ -377,6 +384,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="output folder (refused if it exists, unless --force)")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.add_argument(
+        "--sequential",
+        action="store_true",
+        help="calibrate each layer on the outputs of the already-compressed layers before it "
+        "(default: every layer sees the dense model's activations)",
+    )
     p.add_argument(
         "--eval", default="", help="comma-separated evaluation texts, e.g. boolq:evaluation,lambada"
     )

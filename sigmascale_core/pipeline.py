@@ -11,13 +11,13 @@ from dataclasses import dataclass
 
 import torch
 
-from sigmascale_core.calibration import collect_stats, load_stats, save_stats, stats_cache_path
-from sigmascale_core.models import LoadedModel, tokenizer_fingerprint
+from sigmascale_core.calibration import collect_stats, load_stats, save_stats, stats_cache_path, stats_key
+from sigmascale_core.models import LoadedModel, target_matrices, tokenizer_fingerprint
 from sigmascale_core.perplexity import perplexity
 from sigmascale_core.plan import CompressionPlan
 from sigmascale_core.progress import Progress
 from sigmascale_core.stats import ActivationStats
-from sigmascale_core.surgery import target_shapes
+from sigmascale_core.surgery import compress, target_shapes
 from sigmascale_core.text import calibration_batch, check_disjoint, evaluation_tokens
 
 DEFAULT_CALIBRATION_TEXT = "boolq:calibration"
@@ -74,6 +74,43 @@ def calibrate(
     if use_cache:
         save_stats(stats, path, key)
     return stats, {**info, "cached": False, "seconds": time.perf_counter() - start}
+
+
+def compress_sequential(
+    loaded: LoadedModel,
+    plan: CompressionPlan,
+    config: CalibrationConfig = CalibrationConfig(),
+    progress: Progress | None = None,
+) -> tuple[dict[str, ActivationStats], dict]:
+    """The sequential variant: calibrate and compress layer by layer, so each layer's statistics are
+    taken on the outputs of the already-compressed layers before it. Not cached (they depend on the plan).
+    """
+    device = next(loaded.model.parameters()).device
+    seq_len = config.resolved_seq_len(device)
+    start = time.perf_counter()
+    ids = calibration_batch(
+        loaded.tokenizer, loaded.family, config.text, config.samples, seq_len, config.seed
+    )
+    layer_of = {ref.name: ref.layer for ref in target_matrices(loaded.model)}
+
+    def compress_layer(layer: int, layer_stats: dict[str, ActivationStats]) -> None:
+        only_this_layer = plan.with_ranks({name: None for name in plan.matrices if layer_of[name] != layer})
+        keyed = {stats_key(layer, group): s for group, s in layer_stats.items()}
+        compress(loaded.model, only_this_layer, keyed)
+
+    stats = collect_stats(
+        loaded.model, ids, batch_size=config.batch_size, progress=progress, compress_layer=compress_layer
+    )
+    info = {
+        "text": config.text,
+        "samples": config.samples,
+        "seq_len": seq_len,
+        "seed": config.seed,
+        "tokens": config.samples * seq_len,
+        "sequential": True,
+        "seconds": time.perf_counter() - start,
+    }
+    return stats, info
 
 
 def uniform_plan(

@@ -203,3 +203,32 @@ def test_spectra_csv_and_json(tiny_model_dir, tmp_path, capsys):
     code, _, err = run([*args[:-4], "--layer", "7", "--matrix", "q"], capsys)
     assert code == 2 and "2 layers" in err
     assert torch.isfinite(torch.tensor(summary["methods"]["svd"]["effective_rank"]))
+
+
+def test_sequential_compress(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "seq"
+    code, stdout, err = run(
+        [
+            "compress",
+            "--model",
+            str(tiny_model_dir),
+            "--device",
+            "cpu",
+            "--samples",
+            "2",
+            "--seq-len",
+            "32",
+            "--method",
+            "asvd",
+            "--retention",
+            "0.5",
+            "--out",
+            str(out),
+            "--sequential",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    assert json.loads(stdout)["calibration"]["sequential"] is True
+    model, plan = load_compressed(out)
+    assert sum(type(m).__name__ == "LowRankLinear" for m in model.modules()) == len(plan.compressed) == 14
