@@ -1,0 +1,271 @@
+"""Ranks: the plan as an editable table; every edit updates the totals from the cached loss curves."""
+
+import json
+
+import altair as alt
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from pages import _shared as shared
+from sigmascale_core.methods import METHODS
+from sigmascale_core.plan import CompressionPlan
+
+st.title("Ranks")
+bank = shared.ready_bank()
+if bank is None:
+    st.stop()
+state = shared.plan_state(bank)
+layers, kinds, _ = bank.grid(np.zeros(len(bank.names)))
+
+
+# -- callbacks (run before the rerun that follows a click) ---------------------------------------------
+def _set_method() -> None:
+    state["method"] = st.session_state["plan_method"]
+
+
+def _uniform() -> None:
+    retention = float(st.session_state["uniform_retention"])
+    shared.set_ranks(state, bank.ranks_for_retention(retention), "uniform", retention)
+
+
+def _allocate() -> None:
+    retention = float(st.session_state["uniform_retention"])
+    shared.set_ranks(state, bank.allocate(retention, state["method"]), "sensitivity", retention)
+
+
+def _undo() -> None:
+    shared.undo(state)
+
+
+def _reset() -> None:
+    shared.set_ranks(state, state["initial"].copy(), "uniform", shared.DEFAULT_RETENTION)
+
+
+def _layer_slider(layer: int, key: str) -> None:
+    rows = bank.layers == layer
+    ranks = state["ranks"].copy()
+    ranks[rows] = bank.ranks_for_retention(float(st.session_state[key]))[rows]
+    shared.set_ranks(state, ranks, "table")
+
+
+# -- presets, undo, save / load -------------------------------------------------------------------------
+top = st.columns([2, 3, 2, 2, 1, 1])
+top[0].selectbox(
+    "Method",
+    METHODS,
+    index=METHODS.index(state["method"]),
+    key="plan_method",
+    on_change=_set_method,
+    help="the decomposition the run will use; the totals read this method's loss curves",
+)
+top[1].slider("Uniform retention", 0.05, 1.0, shared.DEFAULT_RETENTION, 0.01, key="uniform_retention")
+top[2].button("Uniform preset", on_click=_uniform, key="preset_uniform", width="stretch")
+top[3].button(
+    "Sensitivity-allocated",
+    on_click=_allocate,
+    key="preset_sensitivity",
+    width="stretch",
+    help="the same parameter budget as the uniform retention, spent where the calibration loss curves "
+    "(the probes) say it buys the most: minimises the sum of per-matrix relative losses",
+)
+top[4].button("Undo", on_click=_undo, key="undo", disabled=not state["history"], width="stretch")
+top[5].button("Reset", on_click=_reset, key="reset", width="stretch")
+
+try:
+    loaded = shared.model(shared.config())
+except Exception as err:
+    shared.show_error(err, "Cannot load the model")
+    st.stop()
+
+save, load = st.columns(2)
+upload = load.file_uploader("Load a plan (JSON)", type=["json"], key="plan_upload")
+if upload is not None and st.session_state.get("plan_loaded_from") != upload.file_id:
+    st.session_state["plan_loaded_from"] = upload.file_id
+    try:
+        loaded_plan = CompressionPlan.from_dict(json.loads(upload.getvalue().decode("utf-8")))
+        ranks = shared.from_plan(bank, loaded_plan, loaded.fingerprint)
+    except (ValueError, UnicodeDecodeError) as err:
+        st.error(f"Cannot load {upload.name}: {err}")
+    else:
+        state["method"] = loaded_plan.method
+        shared.set_ranks(state, ranks, loaded_plan.allocation, loaded_plan.target_retention)
+        st.session_state.pop("plan_method", None)
+        st.success(
+            f"Loaded {upload.name}: {loaded_plan.method}, {loaded_plan.parameter_retention():.2%} retention."
+        )
+        st.rerun()
+
+
+# -- the live part: edits rerun only this fragment --------------------------------------------------------
+def _cell_rank(i: int, unit: str, value: object) -> int:
+    """The rank a table cell asks for; ValueError with the cell's name when it is not usable."""
+    name = f"layer {bank.layers[i]} {bank.kinds[i]}"
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: {value!r} is not a number") from None
+    if not np.isfinite(x):
+        raise ValueError(f"{name}: {value!r} is not a number")
+    if unit == "retention":
+        if not 0 < x <= 1:
+            raise ValueError(f"{name}: retention must be in (0, 1], got {x:g}")
+        return int(bank.ranks_for_retention(x)[i])
+    if x != int(x) or not 1 <= x <= bank.full_rank[i]:
+        raise ValueError(f"{name}: rank must be a whole number in [1, {bank.full_rank[i]}], got {x:g}")
+    return int(x)
+
+
+def _apply_edits(unit: str, key: str) -> None:
+    edits = (st.session_state.get(key) or {}).get("edited_rows") or {}
+    if not edits:
+        return
+    ranks, errors = state["ranks"].copy(), []
+    for row, cells in edits.items():
+        for kind, value in cells.items():
+            try:
+                i = bank.find(layers[int(row)], kind)
+                ranks[i] = _cell_rank(i, unit, value)
+            except (ValueError, IndexError) as err:
+                errors.append(str(err))
+    st.session_state.pop(key, None)
+    if errors:
+        st.session_state["edit_errors"] = errors
+    shared.set_ranks(state, bank.normalise(ranks), "table")
+
+
+@st.fragment
+def live(save_slot) -> None:
+    unit = st.radio("Edit as", ["retention", "rank"], horizontal=True, key="unit")
+    _apply_edits(unit, f"editor_{state['version']}_{unit}")
+    for message in st.session_state.pop("edit_errors", []):
+        st.error(f"Edit ignored — {message}")
+    numbers = bank.evaluate(state["ranks"], state["method"])
+
+    cols = st.columns(6)
+    cols[0].metric(
+        "Parameter retention", f"{numbers.parameter_retention:.4%}", help="target linears after / before"
+    )
+    cols[1].metric(
+        "Whole-model retention", f"{numbers.model_retention:.4%}", help="embeddings and norms included"
+    )
+    cols[2].metric("Mean rel. loss (calibration)", f"{numbers.mean_loss('calibration'):.5f}")
+    cols[3].metric("Mean rel. loss (held-out)", f"{numbers.mean_loss('heldout'):.5f}")
+    cols[4].metric("Mean eff. rank kept", f"{numbers.effective_rank.mean():.1f}")
+    cols[5].metric("Mean energy kept", f"{numbers.energy.mean():.4f}")
+    learned = len(bank.learned)
+    note = ""
+    if state["method"] == "sigmascale" and learned < len(bank.names):
+        note = (
+            f" SigmaScale curves learned for {learned}/{len(bank.names)} matrices (Spectra page); the others "
+            "read ASVD's curve, SigmaScale's starting point."
+        )
+    st.caption(
+        f"{int((~numbers.dense).sum())} of {len(bank.names)} matrices compressed, "
+        f"{int(numbers.dense.sum())} dense; allocation: {state['allocation']}. Relative loss "
+        f"‖(W−W′)X‖²/‖WX‖² per matrix from the cached loss curves, nothing recomputed.{note}"
+    )
+
+    values = numbers.retention if unit == "retention" else numbers.ranks.astype(float)
+    _, _, grid = bank.grid(values)
+    table = pd.DataFrame(grid, index=pd.Index(layers, name="layer"), columns=kinds)
+    if unit == "retention":
+        config = {
+            k: st.column_config.NumberColumn(k, min_value=0.01, max_value=1.0, step=0.01, format="%.3f")
+            for k in kinds
+        }
+    else:
+        table = table.astype("Int64")
+        config = {k: st.column_config.NumberColumn(k, min_value=1, step=1, format="%d") for k in kinds}
+    plan = shared.to_plan(bank, state, loaded.fingerprint)
+    save_slot.download_button(
+        "Save plan (JSON)",
+        json.dumps(plan.to_dict(), indent=2),
+        file_name="sigmascale_plan.json",
+        mime="application/json",
+        key="save_plan",
+        help="the CompressionPlan the CLI takes: sigmascale compress --plan sigmascale_plan.json",
+    )
+    st.data_editor(table, column_config=config, key=f"editor_{state['version']}_{unit}", width="stretch")
+
+    with st.expander("Per-layer sliders (set every matrix of a layer to one retention)"):
+        per_layer = st.columns(3)
+        after = bank.ranks_after(state["ranks"])
+        for j, layer in enumerate(layers):
+            rows = bank.layers == layer
+            current = float(after[rows].sum() / bank.params_before[rows].sum())
+            key = f"layer_{state['version']}_{layer}"
+            per_layer[j % 3].slider(
+                f"layer {layer}",
+                0.01,
+                1.0,
+                round(min(max(current, 0.01), 1.0), 2),
+                0.01,
+                key=key,
+                on_change=_layer_slider,
+                args=(layer, key),
+            )
+
+    chart_data = pd.DataFrame(
+        {
+            "layer": bank.layers,
+            "matrix": bank.kinds,
+            "retention": numbers.retention,
+            "rank": numbers.ranks,
+            "loss": numbers.loss["calibration"],
+        }
+    )
+    left, right = st.columns(2)
+    left.markdown("**Allocation** (parameter retention per matrix)")
+    left.altair_chart(
+        alt.Chart(chart_data)
+        .mark_rect()
+        .encode(
+            x=alt.X("matrix:N", sort=kinds, title=None),
+            y=alt.Y("layer:O"),
+            color=alt.Color("retention:Q", scale=alt.Scale(domain=[0, 1], scheme="blues")),
+            tooltip=[
+                "layer",
+                "matrix",
+                "rank",
+                alt.Tooltip("retention:Q", format=".3f"),
+                alt.Tooltip("loss:Q", format=".4g"),
+            ],
+        )
+        .properties(height=min(14 * len(layers) + 40, 460)),
+        width="stretch",
+    )
+    right.markdown("**Relative loss per matrix** (calibration)")
+    right.altair_chart(
+        alt.Chart(chart_data)
+        .mark_bar()
+        .encode(
+            x=alt.X("layer:O"),
+            y=alt.Y("sum(loss):Q", title="Σ relative loss"),
+            color=alt.Color("matrix:N", sort=kinds),
+            tooltip=["layer", "matrix", alt.Tooltip("loss:Q", format=".4g")],
+        )
+        .properties(height=min(14 * len(layers) + 40, 460)),
+        width="stretch",
+    )
+    with st.expander("Per-matrix numbers"):
+        st.dataframe(
+            pd.DataFrame(
+                {
+                    "matrix": bank.names,
+                    "shape": [f"{m}×{n}" for m, n in bank.shapes],
+                    "rank": numbers.ranks,
+                    "dense": numbers.dense,
+                    "retention": numbers.retention,
+                    "rel. loss (calibration)": numbers.loss["calibration"],
+                    "rel. loss (held-out)": numbers.loss["heldout"],
+                    "eff. rank kept": numbers.effective_rank,
+                    "energy kept": numbers.energy,
+                }
+            ),
+            hide_index=True,
+            width="stretch",
+        )
+
+
+live(save)

@@ -1,0 +1,288 @@
+"""Run: commit the plan to a background compression + evaluation run; follow it; compare results."""
+
+import json
+import time
+
+import altair as alt
+import pandas as pd
+import streamlit as st
+
+from pages import _shared as shared
+from sigmascale_core import jobs
+from sigmascale_core.methods import METHODS
+
+st.title("Run")
+cfg = shared.config()
+EVALUATION_TEXTS = ["boolq:evaluation", "lambada"]
+
+
+def _task_names() -> list[str]:
+    try:
+        from sigmascale_core.zeroshot import TASKS
+
+        return list(TASKS)
+    except Exception:  # zero-shot support missing: runs still do perplexity
+        return []
+
+
+def _current_plan():
+    """(plan, where it came from): the Ranks page's plan when this session has one, else None."""
+    if "plan" not in st.session_state:
+        return None
+    bank = shared.bank(cfg)
+    state = shared.plan_state(bank)
+    return shared.to_plan(bank, state, shared.model(cfg).fingerprint)
+
+
+# -- what to run ------------------------------------------------------------------------------------------
+st.subheader("Commit a plan")
+try:
+    plan = _current_plan()
+except Exception as err:
+    shared.show_error(err, "Cannot read the plan")
+    plan = None
+if plan is not None:
+    st.markdown(
+        f"The plan from **Ranks**: `{plan.method}`, parameter retention **{plan.parameter_retention():.2%}** "
+        f"({len(plan.compressed)} of {len(plan.matrices)} matrices compressed, allocation {plan.allocation})."
+    )
+else:
+    st.markdown("No plan edited in this session yet: the run uses a **uniform** plan.")
+    a, b = st.columns(2)
+    uniform_method = a.selectbox("Method", METHODS, index=METHODS.index("sigmascale"), key="run_method")
+    uniform_retention = b.slider("Retention", 0.05, 1.0, shared.DEFAULT_RETENTION, 0.01, key="run_retention")
+
+with st.form("run_form"):
+    label = st.text_input("Label (optional)", key="run_label")
+    a, b = st.columns(2)
+    evaluation = a.multiselect(
+        "Perplexity texts",
+        EVALUATION_TEXTS,
+        default=[t for t in cfg.evaluation if t in EVALUATION_TEXTS],
+        key="run_eval",
+    )
+    other = a.text_input(
+        "Other perplexity texts (comma-separated specs)",
+        value=",".join(t for t in cfg.evaluation if t not in EVALUATION_TEXTS),
+        key="run_eval_other",
+    )
+    max_tokens = b.number_input(
+        "Max tokens per text", 256, 10**8, cfg.max_eval_tokens, step=1024, key="run_tokens"
+    )
+    tasks_available = _task_names()
+    c, d = st.columns(2)
+    tasks = c.multiselect("Zero-shot tasks", tasks_available, key="run_tasks")
+    limit = d.number_input("Zero-shot items per task", 1, 100000, 100, key="run_limit")
+    st.checkbox(
+        "Fine-tune after compressing",
+        value=False,
+        disabled=True,
+        key="run_finetune",
+        help="not in this build: the engine has no fine-tuning step yet (a run's steps leave room for one)",
+    )
+    go = st.form_submit_button("Start run", type="primary")
+baseline = st.button(
+    "Evaluate the dense model (baseline for the comparison)",
+    key="run_dense",
+    help="perplexity (and the zero-shot tasks) of the uncompressed model, with the same settings",
+)
+
+if go or baseline:
+    texts = list(evaluation) + [t.strip() for t in other.split(",") if t.strip()]
+    try:
+        from sigmascale_core.pipeline import check_texts
+
+        check_texts(cfg.text, texts)
+        spec = jobs.RunSpec(
+            kind="dense" if baseline else "compress",
+            model=cfg.model,
+            device=cfg.device,
+            dtype=cfg.dtype,
+            text=cfg.text,
+            samples=cfg.samples,
+            seq_len=cfg.seq_len,
+            seed=cfg.seed,
+            evaluation=tuple(texts),
+            max_eval_tokens=int(max_tokens),
+            tasks=tuple(tasks),
+            task_limit=int(limit),
+            label=label.strip(),
+        )
+        run_plan = None
+        if not baseline:
+            run_plan = plan
+            if run_plan is None:
+                from sigmascale_core.pipeline import uniform_plan
+
+                run_plan = uniform_plan(shared.model(cfg), float(uniform_retention), uniform_method)
+        run_dir = jobs.start_run(spec, run_plan)
+    except Exception as err:
+        shared.show_error(err, "Cannot start the run")
+    else:
+        st.session_state["last_run"] = run_dir.name
+        st.success(f"Started run `{run_dir.name}` (it keeps going if you leave this page or close the tab).")
+
+
+# -- live progress ------------------------------------------------------------------------------------------
+def _active() -> list[jobs.RunRecord]:
+    return [r for r in jobs.list_runs() if r.status in jobs.ACTIVE]
+
+
+def _live() -> None:
+    active = _active()
+    before = st.session_state.get("active_runs", set())
+    now = {r.id for r in active}
+    st.session_state["active_runs"] = now
+    if before - now:  # a run finished: refresh the history below
+        st.rerun()
+    if not active:
+        return
+    st.subheader("Running")
+    for record in active:
+        box = st.container(border=True)
+        steps = record.meta.get("steps", [])
+        current = next((s for s in steps if s.get("status") == "running"), None)
+        where = (
+            f"step {steps.index(current) + 1}/{len(steps)}: {current['name']}" if current else record.status
+        )
+        progress = record.progress()
+        fraction = progress[1] / max(progress[2], 1) if progress else 0.0
+        text = f"{record.id} — {where}" + (
+            f" — {progress[0]} {progress[1]}/{progress[2]}" if progress else ""
+        )
+        box.progress(min(fraction, 1.0), text=text)
+        elapsed = record.seconds
+        box.caption(f"{record.meta.get('label') or record.meta.get('kind')} · {elapsed or 0:.0f} s elapsed")
+        box.code(jobs.tail_lines(record.log(20_000), 12) or "(no output yet)", language=None)
+        if box.button("Cancel", key=f"cancel_{record.id}"):
+            jobs.cancel_run(record.path)
+            box.warning("Cancelling…")
+
+
+active_now = _active()
+st.session_state.setdefault("active_runs", {r.id for r in active_now})
+st.fragment(run_every=2.0 if active_now else None)(_live)()
+
+
+# -- history -------------------------------------------------------------------------------------------------
+def _row(record: jobs.RunRecord) -> dict:
+    plan_file = record.path / "plan.json"
+    plan_data = {}
+    if plan_file.exists():
+        try:
+            plan_data = json.loads(plan_file.read_text())
+        except ValueError:
+            plan_data = {}
+    report = record.report or {}
+    spec = record.spec
+    row = {
+        "run": record.id,
+        "label": record.meta.get("label") or "",
+        "kind": record.meta.get("kind", ""),
+        "status": record.status,
+        "method": plan_data.get("method", "dense" if record.meta.get("kind") == "dense" else ""),
+        "retention": plan_data.get(
+            "parameter_retention", 1.0 if record.meta.get("kind") == "dense" else None
+        ),
+        "model retention": report.get("model_retention", 1.0 if record.meta.get("kind") == "dense" else None),
+        "model": spec.get("model", ""),
+        "max tokens": spec.get("max_eval_tokens"),
+        "seconds": record.seconds,
+    }
+    for text, result in (report.get("perplexity") or {}).items():
+        row[f"ppl {text}"] = result.get("perplexity")
+    zero = report.get("zero_shot") or {}
+    if zero.get("mean_acc") is not None:
+        row["zero-shot mean acc"] = zero["mean_acc"]
+    return row
+
+
+st.subheader("History")
+records = jobs.list_runs()
+if not records:
+    st.info(f"No runs yet under `{jobs.runs_root()}`.")
+    st.stop()
+table = pd.DataFrame([_row(r) for r in records])
+st.dataframe(table, hide_index=True, width="stretch")
+
+ppl_columns = [c for c in table.columns if c.startswith("ppl ")]
+if ppl_columns:
+    which = st.selectbox("Chart", ppl_columns, key="history_metric")
+    done = table[(table["status"] == "done") & table[which].notna()]
+    if len(done):
+        points = (
+            alt.Chart(done[done["kind"] == "compress"])
+            .mark_point(filled=True, size=90)
+            .encode(
+                x=alt.X("retention:Q", title="parameter retention", scale=alt.Scale(zero=False)),
+                y=alt.Y(
+                    f"{which}:Q", title=which.replace("ppl ", "perplexity "), scale=alt.Scale(type="log")
+                ),
+                color="method:N",
+                tooltip=[
+                    "run",
+                    "label",
+                    "method",
+                    alt.Tooltip("retention:Q", format=".3f"),
+                    alt.Tooltip(f"{which}:Q", format=".3f"),
+                ],
+            )
+        )
+        dense = done[done["kind"] == "dense"]
+        chart = points
+        if len(dense):
+            rule = (
+                alt.Chart(dense)
+                .mark_rule(strokeDash=[5, 3], color="black")
+                .encode(
+                    y=f"{which}:Q", tooltip=["run", alt.Tooltip(f"{which}:Q", format=".3f", title="dense")]
+                )
+            )
+            chart = points + rule
+        st.altair_chart(chart.interactive(), width="stretch")
+        st.caption("Dashed: the dense model. Compare runs evaluated with the same texts and token budget.")
+
+st.subheader("One run")
+chosen = st.selectbox(
+    "Run",
+    [r.id for r in records],
+    index=[r.id for r in records].index(st.session_state["last_run"])
+    if st.session_state.get("last_run") in [r.id for r in records]
+    else 0,
+    key="history_run",
+)
+record = next(r for r in records if r.id == chosen)
+meta = record.meta
+st.markdown(
+    f"**{record.id}** — {record.status}; started "
+    f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(meta['started'])) if meta.get('started') else '—'}"
+    + (f", {record.seconds:.1f} s" if record.seconds else "")
+)
+if record.status == "failed":
+    st.error(meta.get("error") or "failed without a message")
+elif record.status == "cancelled":
+    st.warning("Cancelled: nothing half-written was kept.")
+timing = [
+    {"step": s["name"], "status": s.get("status"), "seconds": s.get("seconds")} for s in meta.get("steps", [])
+]
+st.dataframe(pd.DataFrame(timing), hide_index=True)
+a, b = st.columns(2)
+if (record.path / "plan.json").exists():
+    a.download_button(
+        "Download plan.json",
+        (record.path / "plan.json").read_bytes(),
+        file_name=f"{record.id}-plan.json",
+        key="dl_plan",
+    )
+if record.report is not None:
+    b.download_button(
+        "Download report.json",
+        json.dumps(record.report, indent=2),
+        file_name=f"{record.id}-report.json",
+        key="dl_report",
+    )
+if record.model_dir is not None:
+    st.markdown("Compressed model folder (load it with `sigmascale eval --model …`):")
+    st.code(str(record.model_dir), language=None)
+with st.expander("Log"):
+    st.code(jobs.tail_lines(record.log(), 200) or "(empty)", language=None)
