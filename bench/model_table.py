@@ -52,6 +52,7 @@ def main() -> None:
     parser.add_argument("--texts", default=",".join(DEFAULT_EVALUATION_TEXTS))
     parser.add_argument("--max-eval-tokens", type=int, default=8192, help="tokens scored per text")
     parser.add_argument("--out", type=Path, default=Path("bench/results/model_table.json"))
+    parser.add_argument("--no-dense", action="store_true", help="skip the dense row (resuming a table)")
     args = parser.parse_args()
     texts = args.texts.split(",")
     config = CalibrationConfig()
@@ -64,16 +65,14 @@ def main() -> None:
     print(
         f"calibration: {calibration['tokens']} tokens, {calibration['seconds']:.1f}s (cached={calibration['cached']})"
     )
-    start = time.perf_counter()
-    rows = [
-        {
-            "method": "dense",
-            "retention": 1.0,
-            "perplexity": evaluate_perplexity(loaded, texts, max_tokens=args.max_eval_tokens),
-        }
-    ]
-    rows[0]["seconds"] = time.perf_counter() - start
-    print(markdown(rows, texts), flush=True)
+    rows = []
+    if not args.no_dense:
+        start = time.perf_counter()
+        ppl = evaluate_perplexity(loaded, texts, max_tokens=args.max_eval_tokens)
+        rows.append(
+            {"method": "dense", "retention": 1.0, "perplexity": ppl, "seconds": time.perf_counter() - start}
+        )
+        print(markdown(rows, texts), flush=True)
     total = parameter_count(dense)
     for retention in map(float, args.retentions.split(",")):
         for method in args.methods.split(","):
