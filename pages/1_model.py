@@ -14,7 +14,11 @@ SOURCES = {
     "local": "Local folder or .gguf file",
     "hub": "Hugging Face hub id",
 }
-TEXTS = ["boolq:calibration", "file:PATH", "hf:NAME:CONFIG:SPLIT"]
+SOURCES_OF_STATS = {
+    "memory": "already in memory",
+    "disk cache": "read from the disk cache",
+    "computed": "computed and saved to the cache",
+}
 
 
 def _source_kind(source: str) -> str:
@@ -117,7 +121,7 @@ if submitted:
             f"Loaded {loaded.family} model `{loaded.source}` (fingerprint {loaded.fingerprint}): "
             f"{facts['parameters']:,} parameters, {facts['layers']} layers, {len(facts['refs'])} target "
             f"matrices. Calibration {info['tokens']:,} tokens "
-            f"({'from the cache' if info.get('cached') else 'computed'}, {info['seconds']:.1f} s)."
+            f"({SOURCES_OF_STATS[info['source']]}, {info['seconds']:.1f} s)."
         )
 
 done = st.session_state.get("calibrated")
@@ -125,7 +129,7 @@ if done and not submitted:
     info = done["calibration"]
     st.info(
         f"Calibrated: {info['tokens']:,} tokens of `{info['text']}` "
-        f"({'cached' if info.get('cached') else 'computed'}). The statistics stay in memory: other pages "
+        f"({SOURCES_OF_STATS[info['source']]}). The statistics stay in memory: other pages "
         f"and later visits use them at once."
     )
 elif not done:

@@ -209,6 +209,8 @@ ppl_columns = [c for c in table.columns if c.startswith("ppl ")]
 if ppl_columns:
     which = st.selectbox("Chart", ppl_columns, key="history_metric")
     done = table[(table["status"] == "done") & table[which].notna()]
+    # plain column names only: Altair reads "a:b" as field a of type b
+    done = done[["run", "label", "kind", "method", "retention"]].assign(perplexity=done[which])
     if len(done):
         points = (
             alt.Chart(done[done["kind"] == "compress"])
@@ -216,7 +218,7 @@ if ppl_columns:
             .encode(
                 x=alt.X("retention:Q", title="parameter retention", scale=alt.Scale(zero=False)),
                 y=alt.Y(
-                    f"{which}:Q", title=which.replace("ppl ", "perplexity "), scale=alt.Scale(type="log")
+                    "perplexity:Q", title=which.replace("ppl ", "perplexity on "), scale=alt.Scale(type="log")
                 ),
                 color="method:N",
                 tooltip=[
@@ -224,7 +226,7 @@ if ppl_columns:
                     "label",
                     "method",
                     alt.Tooltip("retention:Q", format=".3f"),
-                    alt.Tooltip(f"{which}:Q", format=".3f"),
+                    alt.Tooltip("perplexity:Q", format=".3f"),
                 ],
             )
         )
@@ -235,7 +237,8 @@ if ppl_columns:
                 alt.Chart(dense)
                 .mark_rule(strokeDash=[5, 3], color="black")
                 .encode(
-                    y=f"{which}:Q", tooltip=["run", alt.Tooltip(f"{which}:Q", format=".3f", title="dense")]
+                    y="perplexity:Q",
+                    tooltip=["run", alt.Tooltip("perplexity:Q", format=".3f", title="dense")],
                 )
             )
             chart = points + rule

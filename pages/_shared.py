@@ -144,13 +144,15 @@ def stats(loaded, calibration, label: str):
     """Calibration stats (from memory, else the disk cache, else computed with a progress bar)."""
     box = _box("stats", loaded.fingerprint, json.dumps(asdict(calibration), sort_keys=True))
     with box["lock"]:
-        if "stats" not in box:
-            from sigmascale_core.pipeline import calibrate
+        if "stats" in box:
+            return box["stats"], {**box["info"], "source": "memory"}
+        from sigmascale_core.pipeline import calibrate
 
-            bar, update = _progress_callback(label)
-            box["stats"], box["info"] = calibrate(loaded, calibration, progress=update)
-            bar.empty()
-    return box["stats"], box["info"]
+        bar, update = _progress_callback(label)
+        box["stats"], info = calibrate(loaded, calibration, progress=update)
+        box["info"] = {**info, "source": "disk cache" if info.get("cached") else "computed"}
+        bar.empty()
+        return box["stats"], box["info"]
 
 
 def spectra_key(loaded, cfg: AppConfig):

@@ -244,7 +244,7 @@ def cancel_run(run_dir: Path) -> None:
 
 def tail_lines(text: str, lines: int) -> str:
     """The last `lines` non-empty lines, each cut to what follows its last carriage return (tqdm)."""
-    out = [line.rsplit("\r", 1)[-1].rstrip() for line in text.splitlines()]
+    out = [line.rsplit("\r", 1)[-1].rstrip() for line in text.split("\n")]  # not splitlines: it splits at \r
     return "\n".join([line for line in out if line.strip()][-lines:])
 
 

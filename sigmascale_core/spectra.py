@@ -568,8 +568,9 @@ def toy_problem(kind: str = "outlier channels", seed: int = 0, m: int = 8, n: in
     V, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
     r = min(m, n)
     X = torch.randn(400, n, generator=g, dtype=torch.float64)
-    if kind == "flat spectrum":
-        return Toy((U[:, :r] @ V[:, :r].T), X)
+    if kind == "flat spectrum":  # exactly isotropic inputs: XᵀX = tokens·I
+        Q, _ = torch.linalg.qr(X)
+        return Toy((U[:, :r] @ V[:, :r].T), Q * X.shape[0] ** 0.5)
     if kind != "outlier channels":
         raise ValueError(f"unknown toy {kind!r}; choose one of {TOYS}")
     sigma = torch.arange(1, r + 1, dtype=torch.float64) ** -0.5

@@ -1,0 +1,368 @@
+"""The Streamlit app, page by page, with streamlit.testing (AppTest) on a tiny random model.
+
+The app reads its default model and texts from $SIGMASCALE_APP_DEFAULTS, so these tests point it at a
+tiny Llama (with the bundled tokenizer) and small file: texts; one slow test uses the bundled model.
+"""
+
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from streamlit.testing.v1 import AppTest
+from tiny import tiny_model
+from transformers import AutoTokenizer
+
+from sigmascale_core import jobs
+from sigmascale_core.models import bundled_model_dir, model_fingerprint
+from sigmascale_core.plan import CompressionPlan
+from sigmascale_core.surgery import target_shapes
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = str(ROOT / "app.py")
+WORDS = [
+    "the",
+    "of",
+    "and",
+    "a",
+    "to",
+    "in",
+    "is",
+    "was",
+    "he",
+    "for",
+    "it",
+    "with",
+    "as",
+    "his",
+    "on",
+    "be",
+    "at",
+    "by",
+    "this",
+    "had",
+    "not",
+    "are",
+    "but",
+    "from",
+    "or",
+    "have",
+    "an",
+    "they",
+]
+TIMEOUT = 120
+
+
+def write_text(path: Path, seed: int) -> str:
+    rng = random.Random(seed)
+    path.write_text(
+        "\n\n".join(f"{path.stem} {i}. " + " ".join(rng.choices(WORDS, k=100)) for i in range(40))
+    )
+    return f"file:{path}"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("app")
+    tokenizer = AutoTokenizer.from_pretrained(bundled_model_dir())
+    model = tiny_model("llama")
+    model.resize_token_embeddings(len(tokenizer))
+    model.save_pretrained(root / "tiny")
+    tokenizer.save_pretrained(root / "tiny")
+    defaults = {
+        "model": str(root / "tiny"),
+        "device": "cpu",
+        "text": write_text(root / "cal.txt", 1),
+        "samples": 4,
+        "seq_len": 32,
+        "heldout_text": write_text(root / "held.txt", 2),
+        "heldout_samples": 2,
+        "evaluation": [write_text(root / "eval.txt", 3)],
+        "max_eval_tokens": 256,
+    }
+    return {"defaults": defaults, "fingerprint": model_fingerprint(model), "shapes": target_shapes(model)}
+
+
+@pytest.fixture
+def app(tiny, tmp_path, monkeypatch):
+    """An AppTest of app.py with its own cache and runs folders; run once (Model & data page)."""
+    import streamlit as st
+
+    monkeypatch.syspath_prepend(str(ROOT))
+    monkeypatch.setenv("SIGMASCALE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("SIGMASCALE_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("SIGMASCALE_APP_DEFAULTS", json.dumps(tiny["defaults"]))
+    st.cache_resource.clear()
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.run()
+    assert not at.exception
+    return at
+
+
+def open_page(at: AppTest, page: str) -> AppTest:
+    at.switch_page(f"pages/{page}.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def metric(at: AppTest, label: str) -> str:
+    return next(m.value for m in at.metric if m.label == label)
+
+
+def percent(text: str) -> float:
+    return float(text.rstrip("%")) / 100
+
+
+def edit(at: AppTest, rows: dict, unit: str = "retention") -> AppTest:
+    """Edit cells of the Ranks table as the browser would: the editor's edit state, then a rerun."""
+    key = f"editor_{at.session_state['plan']['version']}_{unit}"
+    assert key in [d.key for d in at.data_editor]
+    at.session_state[key] = {"edited_rows": rows, "added_rows": [], "deleted_rows": []}
+    return at.run()
+
+
+# -- Model & data ------------------------------------------------------------------------------------------
+def test_model_page_loads_and_calibrates(app, tiny):
+    assert [r.key for r in app.radio] == ["source_kind"]
+    assert {"device", "dtype"} <= {s.key for s in app.selectbox}
+    assert {"samples", "seq_len", "seed", "heldout_samples"} <= {n.key for n in app.number_input}
+    app.button[0].click().run()  # Load & calibrate (the bundled source is the tiny model here)
+    assert not app.exception and not app.error
+    assert "14 target matrices" in app.success[0].value and "computed and saved" in app.success[0].value
+    app.button[0].click().run()  # a second visit: from memory / the disk cache
+    assert "already in memory" in app.success[0].value
+
+
+def test_model_page_reports_a_model_that_cannot_load(app):
+    app.radio(key="source_kind").set_value("local")
+    app.text_input(key="source_text").input("/no/such/model")
+    app.button[0].click().run()
+    assert not app.exception
+    assert "no such file or directory" in app.error[0].value
+    app.radio(key="source_kind").set_value("hub")
+    app.text_input(key="source_text").input("")
+    app.button[0].click().run()
+    assert "Enter a folder" in app.error[0].value
+
+
+def test_overlapping_calibration_and_heldout_texts_are_refused(app, tiny):
+    app.text_input(key="heldout_text").input(tiny["defaults"]["text"])
+    app.button[0].click().run()
+    assert not app.exception and "appear in both" in app.error[0].value
+
+
+# -- Spectra -----------------------------------------------------------------------------------------------
+def test_spectra_page_draws_charts_and_learns_sigmascale_on_demand(app):
+    open_page(app, "2_spectra")
+    assert {"heatmap_metric", "spectra_layer"} <= {s.key for s in app.selectbox}
+    assert len(app.get("vega_lite_chart")) >= 5  # heatmap, σ, energy, two loss curves
+    assert "shown_3" in [m.key for m in app.multiselect]
+    app.selectbox(key="spectra_layer").set_value(1).run()
+    app.button(key="learn_one").click().run()
+    assert not app.exception and not app.error
+    assert "learned (SigmaScale)" in app.multiselect(key="shown_4").value
+    summary = app.dataframe[0].value
+    assert list(summary.index) == [
+        "W (plain SVD)",
+        "ASVD scaling",
+        "whitening (SVD-LLM)",
+        "learned (SigmaScale)",
+    ]
+    assert (summary["effective rank"] > 0).all()
+    open_page(app, "3_ranks")
+    assert "1/14 matrices" in " ".join(c.value for c in app.caption)
+
+
+# -- Ranks -------------------------------------------------------------------------------------------------
+def test_an_edit_changes_the_totals_correctly(app, tiny):
+    open_page(app, "3_ranks")
+    assert [s.key for s in app.selectbox] == ["plan_method"]
+    assert {"uniform_retention"} <= {s.key for s in app.slider}
+    assert sum(1 for s in app.slider if s.key.startswith("layer_")) == 2
+    shapes = tiny["shapes"]
+    uniform = CompressionPlan.uniform(shapes, 0.75, "sigmascale", tiny["fingerprint"])
+    assert percent(metric(app, "Parameter retention")) == pytest.approx(
+        uniform.parameter_retention(), abs=1e-6
+    )
+    edit(app, {0: {"q": 0.25}, 1: {"down": 0.5}})
+    assert not app.exception and not app.error
+    table = {name: {"retention": 0.75} for name in shapes}
+    table["model.layers.0.self_attn.q_proj"] = {"retention": 0.25}
+    table["model.layers.1.mlp.down_proj"] = {"retention": 0.5}
+    expected = CompressionPlan.from_table(shapes, table, "sigmascale", tiny["fingerprint"])
+    assert percent(metric(app, "Parameter retention")) == pytest.approx(
+        expected.parameter_retention(), abs=1e-6
+    )
+    # rank units: the same matrix at a rank
+    app.radio(key="unit").set_value("rank").run()
+    edit(app, {0: {"k": 3}}, unit="rank")
+    ranks = app.session_state["plan"]["ranks"]
+    assert ranks[list(shapes).index("model.layers.0.self_attn.k_proj")] == 3
+
+
+def test_bad_cells_show_an_error_not_a_traceback(app):
+    open_page(app, "3_ranks")
+    before = metric(app, "Parameter retention")
+    edit(app, {0: {"q": 7.0}, 1: {"k": "lots"}})
+    assert not app.exception
+    messages = " ".join(e.value for e in app.error)
+    assert (
+        "layer 0 q: retention must be in (0, 1], got 7" in messages and "'lots' is not a number" in messages
+    )
+    assert metric(app, "Parameter retention") == before
+    app.radio(key="unit").set_value("rank").run()
+    edit(app, {0: {"q": 10_000}}, unit="rank")
+    assert "rank must be a whole number in [1, 64]" in app.error[0].value
+
+
+def test_presets_undo_and_reset(app):
+    open_page(app, "3_ranks")
+    start = metric(app, "Parameter retention")
+    app.slider(key="uniform_retention").set_value(0.4).run()
+    app.button(key="preset_uniform").click().run()
+    uniform = percent(metric(app, "Parameter retention"))
+    assert uniform < 0.45
+    loss_uniform = float(metric(app, "Mean rel. loss (calibration)"))
+    app.button(key="preset_sensitivity").click().run()
+    assert percent(metric(app, "Parameter retention")) <= uniform + 1e-9
+    assert float(metric(app, "Mean rel. loss (calibration)")) <= loss_uniform
+    assert app.session_state["plan"]["allocation"] == "sensitivity"
+    app.button(key="undo").click().run()
+    assert percent(metric(app, "Parameter retention")) == pytest.approx(uniform)
+    layer_slider = next(s for s in app.slider if s.key.startswith("layer_") and s.key.endswith("_1"))
+    layer_slider.set_value(0.2).run()
+    assert percent(metric(app, "Parameter retention")) < uniform
+    app.button(key="reset").click().run()
+    assert metric(app, "Parameter retention") == start
+
+
+def test_a_saved_plan_loads_back_and_bad_plans_are_refused(app, tiny, monkeypatch):
+    from streamlit.delta_generator import DeltaGenerator
+
+    downloads = {}
+    original = DeltaGenerator.download_button
+
+    def capture(self, label, data, *args, **kwargs):  # what the browser would save
+        downloads[label] = data
+        return original(self, label, data, *args, **kwargs)
+
+    monkeypatch.setattr(DeltaGenerator, "download_button", capture)
+    open_page(app, "3_ranks")
+    edit(app, {0: {"q": 0.3, "up": 0.6}})
+    app.selectbox(key="plan_method").set_value("svdllm").run()
+    assert app.get("download_button")[0].proto.label == "Save plan (JSON)"
+    data = json.loads(downloads["Save plan (JSON)"])
+    plan = CompressionPlan.from_dict(data)  # the very object the CLI takes
+    assert plan.method == "svdllm" and plan.model_fingerprint == tiny["fingerprint"]
+    ranks = app.session_state["plan"]["ranks"].copy()
+    app.button(key="reset").click().run()
+    assert not np.array_equal(app.session_state["plan"]["ranks"], ranks)
+    app.selectbox(key="plan_method").set_value("svd").run()
+    app.file_uploader(key="plan_upload").upload("plan.json", json.dumps(data).encode(), "application/json")
+    app.run()
+    assert not app.exception and not app.error
+    np.testing.assert_array_equal(app.session_state["plan"]["ranks"], ranks)
+    assert app.session_state["plan"]["method"] == "svdllm"
+    assert percent(metric(app, "Parameter retention")) == pytest.approx(plan.parameter_retention(), abs=1e-6)
+    # bad plans: not JSON, another model, another version
+    for name, content, message in (
+        ("junk.json", b"{not json", "Cannot load junk.json"),
+        ("other.json", json.dumps({**data, "model_fingerprint": "0123"}).encode(), "made for model 0123"),
+        ("old.json", json.dumps({**data, "version": 99}).encode(), "version 99 is not supported"),
+    ):
+        app.file_uploader(key="plan_upload").set_value((name, content, "application/json"))
+        app.run()
+        assert not app.exception
+        assert message in app.error[0].value
+
+
+# -- Run -----------------------------------------------------------------------------------------------
+def test_run_page_starts_a_run_and_shows_its_result(app, tiny):
+    open_page(app, "3_ranks")
+    app.selectbox(key="plan_method").set_value("svd").run()
+    open_page(app, "4_run")
+    assert {"run_eval", "run_tasks"} <= {m.key for m in app.multiselect}
+    assert app.checkbox(key="run_finetune").disabled
+    assert "The plan from **Ranks**: `svd`" in app.markdown[0].value
+    app.button[0].click().run()  # Start run
+    assert not app.exception and not app.error, [e.value for e in app.error]
+    run_id = app.session_state["last_run"]
+    record = _wait(run_id)
+    assert record.status == "done", record.meta.get("error")
+    app.run()
+    history = app.dataframe[0].value
+    row = history[history["run"] == run_id].iloc[0]
+    assert row["status"] == "done" and row["method"] == "svd"
+    assert row[f"ppl {tiny['defaults']['evaluation'][0]}"] > 1
+    assert f"**{run_id}** — done" in " ".join(m.value for m in app.markdown)
+    assert any(str(record.model_dir) in c.value for c in app.code)
+
+
+def test_a_failed_run_shows_its_error(app, tiny):
+    plan = CompressionPlan.uniform(tiny["shapes"], 0.5, "svd", "not-this-model")
+    spec = jobs.RunSpec(
+        kind="compress", model=tiny["defaults"]["model"], text=tiny["defaults"]["text"], samples=2, seq_len=32
+    )
+    run_dir = jobs.start_run(spec, plan)
+    _wait(run_dir.name)
+    open_page(app, "4_run")
+    assert not app.exception
+    assert "the plan was made for model not-this-model" in app.error[0].value
+
+
+def test_starting_a_run_with_overlapping_texts_is_refused(app, tiny):
+    open_page(app, "4_run")
+    app.text_input(key="run_eval_other").input(tiny["defaults"]["text"])
+    app.button[0].click().run()
+    assert not app.exception and "appear in both" in app.error[0].value
+    assert jobs.list_runs() == []
+
+
+def _wait(run_id: str, timeout: float = 180) -> jobs.RunRecord:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        record = jobs.read_run(jobs.runs_root() / run_id)
+        if record.status in jobs.FINAL:
+            return record
+        time.sleep(0.5)
+    raise AssertionError(f"run {run_id} did not finish:\n{record.log()}")
+
+
+# -- Learn ---------------------------------------------------------------------------------------------
+def test_learn_page_sliders_move_the_errors(app):
+    open_page(app, "5_learn")
+    assert [r.key for r in app.radio] == ["toy"]
+    plain = float(metric(app, "Activation error ‖(W−W′)X‖² / ‖WX‖²"))
+    app.button(key="toy_asvd").click().run()
+    assert float(metric(app, "Activation error ‖(W−W′)X‖² / ‖WX‖²")) < plain
+    app.button(key="toy_learn").click().run()
+    learned = float(metric(app, "Activation error ‖(W−W′)X‖² / ‖WX‖²"))
+    best = float(metric(app, "Best possible at this rank (whitening)"))
+    assert best - 1e-4 <= learned < plain
+    app.slider(key="col_0").set_value(-4.0).run()
+    assert float(metric(app, "Activation error ‖(W−W′)X‖² / ‖WX‖²")) > learned
+    app.radio(key="toy").set_value("flat spectrum").run()
+    app.button(key="toy_identity").click().run()
+    assert metric(app, "Activation error ‖(W−W′)X‖² / ‖WX‖²") == metric(
+        app, "Best possible at this rank (whitening)"
+    )
+
+
+# -- the real model -----------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_bundled_model_loads_on_the_model_page(tmp_path, monkeypatch):
+    import streamlit as st
+
+    monkeypatch.syspath_prepend(str(ROOT))
+    monkeypatch.setenv("SIGMASCALE_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv(
+        "SIGMASCALE_APP_DEFAULTS",
+        json.dumps({"device": "cpu", "samples": 2, "seq_len": 64, "heldout_samples": 2}),
+    )
+    st.cache_resource.clear()
+    at = AppTest.from_file(APP, default_timeout=600).run()
+    at.button[0].click().run()
+    assert not at.exception and not at.error
+    assert "210 target matrices" in at.success[0].value and "30 layers" in at.success[0].value

@@ -1,0 +1,209 @@
+"""jobs.py: background runs as detached CLI processes, their status files, cancel, crash, history."""
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from tiny import tiny_model
+from transformers import AutoTokenizer
+
+from sigmascale_core import jobs
+from sigmascale_core.models import bundled_model_dir, model_fingerprint
+from sigmascale_core.plan import CompressionPlan
+from sigmascale_core.surgery import is_compressed_dir, target_shapes
+
+WORDS = [
+    "the",
+    "of",
+    "and",
+    "a",
+    "to",
+    "in",
+    "is",
+    "was",
+    "he",
+    "for",
+    "it",
+    "with",
+    "as",
+    "his",
+    "on",
+    "be",
+    "at",
+    "by",
+    "this",
+    "had",
+    "not",
+    "are",
+    "but",
+    "from",
+    "or",
+    "have",
+    "an",
+    "they",
+]
+
+
+def write_text(path: Path, seed: int, docs: int = 40) -> str:
+    import random
+
+    rng = random.Random(seed)
+    path.write_text(
+        "\n\n".join(f"{path.stem} {i}. " + " ".join(rng.choices(WORDS, k=100)) for i in range(docs))
+    )
+    return f"file:{path}"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny random Llama with the bundled tokenizer, two disjoint texts, and a plan for it."""
+    root = tmp_path_factory.mktemp("jobs")
+    tokenizer = AutoTokenizer.from_pretrained(bundled_model_dir())
+    model = tiny_model("llama")
+    model.resize_token_embeddings(len(tokenizer))
+    model.save_pretrained(root / "tiny")
+    tokenizer.save_pretrained(root / "tiny")
+    plan = CompressionPlan.uniform(target_shapes(model), 0.5, "svd", model_fingerprint(model))
+    return {
+        "model": str(root / "tiny"),
+        "cal": write_text(root / "cal.txt", 1),
+        "eval": write_text(root / "eval.txt", 2),
+        "plan": plan,
+    }
+
+
+@pytest.fixture
+def runs(tmp_path, monkeypatch):
+    monkeypatch.setenv("SIGMASCALE_RUNS", str(tmp_path / "runs"))
+    return tmp_path / "runs"
+
+
+def spec(tiny, **kw):
+    base = dict(
+        kind="compress",
+        model=tiny["model"],
+        text=tiny["cal"],
+        samples=2,
+        seq_len=32,
+        evaluation=(tiny["eval"],),
+        max_eval_tokens=256,
+    )
+    return jobs.RunSpec(**{**base, **kw})
+
+
+def wait(run_dir: Path, timeout: float = 180.0) -> jobs.RunRecord:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        record = jobs.read_run(run_dir)
+        if record.status in jobs.FINAL:
+            return record
+        time.sleep(0.3)
+    raise AssertionError(f"run {run_dir.name} still {record.status} after {timeout} s:\n{record.log()}")
+
+
+def test_steps_are_the_cli_commands(tmp_path):
+    s = jobs.RunSpec(
+        kind="compress", model="m", evaluation=("boolq:evaluation",), tasks=("piqa",), task_limit=5
+    )
+    steps = jobs.build_steps(s, tmp_path)
+    assert [step.name for step in steps] == ["compress", "zero_shot"]
+    compress = steps[0].argv
+    assert compress[:4] == [sys.executable, "-m", "sigmascale_core.cli", "compress"]
+    assert compress[compress.index("--plan") + 1] == str(tmp_path / "plan.json")
+    assert compress[compress.index("--out") + 1] == str(tmp_path / "model")
+    assert compress[compress.index("--eval") + 1] == "boolq:evaluation"
+    assert compress[compress.index("--max-eval-tokens") + 1] == "8192"
+    zero = steps[1].argv
+    assert zero[zero.index("--model") + 1] == str(tmp_path / "model")
+    assert zero[zero.index("--tasks") + 1] == "piqa" and zero[zero.index("--limit") + 1] == "5"
+    dense = jobs.build_steps(jobs.RunSpec(kind="dense", model="m", tasks=("piqa",)), tmp_path)
+    argv = dense[0].argv
+    assert argv[3] == "eval" and argv[argv.index("--tasks") + 1] == "ppl,piqa"
+    with pytest.raises(ValueError, match="fine-tuning"):
+        jobs.RunSpec(kind="compress", model="m", finetune=True)
+    with pytest.raises(ValueError, match="samples"):
+        jobs.RunSpec(kind="compress", model="m", samples=0)
+    with pytest.raises(ValueError, match="needs a plan"):
+        jobs.start_run(jobs.RunSpec(kind="compress", model="m"), None, tmp_path)
+
+
+def test_run_ids_are_unique_even_when_the_clock_collides(runs, monkeypatch):
+    ids = iter(["20250101-000000-aaaaaa", "20250101-000000-aaaaaa", "20250101-000000-bbbbbb"])
+    monkeypatch.setattr(jobs, "new_run_id", lambda: next(ids))
+
+    class Fake:
+        pid = 999_999_999
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(jobs.subprocess, "Popen", lambda *a, **k: Fake())
+    s = jobs.RunSpec(kind="dense", model="m")
+    first, second = jobs.start_run(s), jobs.start_run(s)
+    assert (first.name, second.name) == ("20250101-000000-aaaaaa", "20250101-000000-bbbbbb")
+    # the fake runner never ran: its pid is not alive, so the run reads as failed, with a reason
+    record = jobs.read_run(first)
+    assert record.status == "failed" and "without recording a result" in record.meta["error"]
+
+
+def test_a_run_compresses_evaluates_and_records_everything(tiny, runs):
+    run_dir = jobs.start_run(spec(tiny, label="svd half"), tiny["plan"])
+    assert run_dir.parent == runs.resolve()
+    record = wait(run_dir)
+    assert record.status == "done", record.meta.get("error")
+    assert CompressionPlan.load(run_dir / "plan.json") == tiny["plan"]
+    assert is_compressed_dir(run_dir / "model")
+    report = record.report
+    assert report["parameter_retention"] == pytest.approx(tiny["plan"].parameter_retention())
+    assert report["perplexity"][tiny["eval"]]["tokens"] == 255
+    assert report["timing"]["compress"] > 0
+    meta = json.loads((run_dir / "meta.json").read_text())
+    assert meta["label"] == "svd half" and meta["started"] <= meta["finished"]
+    assert [s["status"] for s in meta["steps"]] == ["done"]
+    assert not list(run_dir.glob(".*tmp*"))
+    assert [r.id for r in jobs.list_runs()] == [run_dir.name]
+    assert record.seconds > 0 and record.model_dir == run_dir / "model"
+
+
+def test_a_failing_run_keeps_a_readable_error_and_nothing_half_written(tiny, runs):
+    shapes = {name: m.shape for name, m in tiny["plan"].matrices.items()}
+    foreign = CompressionPlan.uniform(shapes, 0.5, "svd", "not-this-model")
+    record = wait(jobs.start_run(spec(tiny), foreign))
+    assert record.status == "failed"
+    assert "exited with status 2" in record.meta["error"]
+    assert "the plan was made for model not-this-model" in record.meta["error"]
+    assert not (record.path / "model").exists() and not list(record.path.glob(".model*"))
+    assert record.report is None
+
+
+def test_cancel_stops_the_run_and_keeps_no_model(tiny, runs):
+    run_dir = jobs.start_run(spec(tiny), tiny["plan"])
+    time.sleep(1.0)
+    jobs.cancel_run(run_dir)
+    record = wait(run_dir, timeout=60)
+    assert record.status == "cancelled"
+    assert not (run_dir / "model").exists() and not list(run_dir.glob(".model*"))
+
+
+def test_a_killed_runner_is_recorded_as_failed(tiny, runs):
+    run_dir = jobs.start_run(spec(tiny), tiny["plan"])
+    pid = json.loads((run_dir / "pid.json").read_text())["pid"]
+    os.killpg(pid, signal.SIGKILL)
+    record = wait(run_dir, timeout=30)
+    assert record.status == "failed"
+    assert "ended without recording a result" in record.meta["error"]
+    # the verdict is written once, atomically: reading again gives the same record
+    assert json.loads((run_dir / "meta.json").read_text())["status"] == "failed"
+
+
+def test_progress_is_read_from_tqdm_output():
+    log = (
+        "loading\rcalibration:  50%|#####     | 1/2 [00:01<00:01]\rcompress:  21%|##  | 3/14 [00:26<01:35, x]"
+    )
+    assert jobs.parse_progress(log) == ("compress", 3, 14)
+    assert jobs.parse_progress("no bars here") is None
+    assert jobs.tail_lines("a\rb\n\nc\rd\n", 5) == "b\nd"

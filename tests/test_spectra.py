@@ -1,0 +1,227 @@
+"""spectra.py: the cached spectra/loss curves and the live plan numbers, against direct recomputation."""
+
+import numpy as np
+import pytest
+import torch
+from tiny import VOCAB, tiny_model
+
+from sigmascale_core import spectra
+from sigmascale_core.calibration import collect_stats, stats_key
+from sigmascale_core.methods import decompose, loss_curve, scaled_spectrum
+from sigmascale_core.metrics import activation_loss, effective_rank, participation_ratio
+from sigmascale_core.models import get_module, target_matrices
+from sigmascale_core.plan import CompressionPlan, MatrixPlan
+from sigmascale_core.stats import ActivationStats
+
+
+@pytest.fixture(scope="module")
+def setup():
+    """A tiny model, its calibration and held-out stats (different random tokens), its weights."""
+    model = tiny_model("llama")
+    g = torch.Generator().manual_seed(0)
+    stats = collect_stats(model, torch.randint(0, VOCAB, (6, 32), generator=g))
+    heldout = collect_stats(model, torch.randint(0, VOCAB, (3, 32), generator=g))
+    refs = target_matrices(model)
+    weights = {r.name: get_module(model, r.name).weight.detach() for r in refs}
+    key = spectra.SpectraKey.build("fp-tiny", {"text": "a"}, {"text": "b"})
+    total = sum(p.numel() for p in model.parameters())
+    return model, stats, heldout, refs, weights, key, total
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SIGMASCALE_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def build_bank(setup):
+    _, stats, heldout, refs, weights, key, total = setup
+    computed = spectra.precompute(key, refs, weights, stats, heldout)
+    return spectra.SpectraBank(refs, computed, total)
+
+
+def test_precompute_caches_per_layer_and_recomputes_corrupt_files(setup, cache):
+    _, stats, heldout, refs, weights, key, _ = setup
+    calls = []
+    first = spectra.precompute(key, refs, weights, stats, heldout, progress=lambda *a: calls.append(a))
+    assert calls[-1] == (2, 2, "spectra")
+    files = sorted((cache / "spectra").glob("*.safetensors"))
+    assert [f.name for f in files] == [f"{key.digest}-L000.safetensors", f"{key.digest}-L001.safetensors"]
+    assert spectra.missing_layers(key, refs) == []
+    # cached: nothing is recomputed (no weights or stats are even needed)
+    again = spectra.precompute(key, refs, {}, {}, {})
+    for name in first:
+        for method in spectra.CHEAP_METHODS:
+            np.testing.assert_array_equal(first[name][method].sigma, again[name][method].sigma)
+    # a truncated file and a file written for another key are both recomputed
+    files[0].write_bytes(files[0].read_bytes()[:-50])
+    other = spectra.SpectraKey.build("fp-other", {"text": "a"}, {"text": "b"})
+    assert spectra.missing_layers(key, refs) == [0]
+    assert spectra.missing_layers(other, refs) == [0, 1]
+    with pytest.raises(KeyError):  # layer 0 must be recomputed and there is nothing to compute it from
+        spectra.precompute(key, refs, {}, {}, {})
+    spectra.precompute(key, refs, weights, stats, heldout)
+    assert spectra.missing_layers(key, refs) == []
+
+
+def test_cached_spectra_and_curves_equal_the_engine(setup, cache):
+    _, stats, heldout, refs, weights, _, _ = setup
+    bank = build_bank(setup)
+    for ref in refs[::3]:
+        s, h = stats[stats_key(ref.layer, ref.group)], heldout[stats_key(ref.layer, ref.group)]
+        W = weights[ref.name]
+        for method in spectra.CHEAP_METHODS:
+            got = bank.spectrum(ref.name, method)
+            np.testing.assert_allclose(got.sigma, scaled_spectrum(W, s, method).numpy(), rtol=1e-10)
+            np.testing.assert_allclose(got.loss["calibration"], loss_curve(W, s, method).numpy(), atol=1e-12)
+            np.testing.assert_allclose(
+                got.loss["heldout"], loss_curve(W, s, method, eval_stats=h).numpy(), atol=1e-12
+            )
+
+
+def test_live_numbers_match_an_independent_recomputation(setup, cache):
+    _, stats, heldout, refs, weights, _, total = setup
+    bank = build_bank(setup)
+    rng = np.random.default_rng(0)
+    ranks = bank.normalise(rng.integers(1, bank.full_rank + 1))
+    for method in spectra.CHEAP_METHODS:
+        numbers = bank.evaluate(ranks, method)
+        plan = CompressionPlan(
+            "fp",
+            method,
+            {},
+            {
+                r.name: MatrixPlan(r.shape, None if ranks[i] >= min(r.shape) else int(ranks[i]))
+                for i, r in enumerate(refs)
+            },
+        )
+        assert numbers.parameter_retention == pytest.approx(plan.parameter_retention(), rel=1e-12)
+        assert numbers.model_retention == pytest.approx(plan.model_retention(total), rel=1e-12)
+        for i, ref in enumerate(refs):
+            W, k = weights[ref.name], int(ranks[i])
+            s, h = stats[stats_key(ref.layer, ref.group)], heldout[stats_key(ref.layer, ref.group)]
+            sigma = scaled_spectrum(W, s, method)
+            if numbers.dense[i]:
+                assert numbers.loss["calibration"][i] == 0.0
+                continue
+            # brute force: decompose at the rank, measure the loss of the dense reconstruction
+            W_hat = decompose(W.double(), s, k, method).to_dense()
+            assert numbers.loss["calibration"][i] == pytest.approx(activation_loss(W, W_hat, s), abs=1e-9)
+            assert numbers.loss["heldout"][i] == pytest.approx(activation_loss(W, W_hat, h), abs=1e-9)
+            assert numbers.effective_rank[i] == pytest.approx(effective_rank(sigma[:k]), rel=1e-9)
+            assert numbers.energy[i] == pytest.approx(float(sigma[:k].square().sum() / sigma.square().sum()))
+
+
+def test_full_spectrum_measures(setup, cache):
+    _, stats, _, refs, weights, _, _ = setup
+    bank = build_bank(setup)
+    er, pr = spectra.effective_ranks(bank, "asvd"), spectra.participation_ratios(bank, "asvd")
+    for i, ref in enumerate(refs):
+        sigma = scaled_spectrum(weights[ref.name], stats[stats_key(ref.layer, ref.group)], "asvd")
+        assert er[i] == pytest.approx(effective_rank(sigma), rel=1e-9)
+        assert pr[i] == pytest.approx(participation_ratio(sigma), rel=1e-9)
+
+
+def test_uniform_ranks_agree_with_the_plan(setup, cache):
+    _, _, _, refs, _, _, _ = setup
+    bank = build_bank(setup)
+    for retention in (0.1, 0.33, 0.75, 1.0):
+        plan = CompressionPlan.uniform({r.name: r.shape for r in refs}, retention, "svd", "fp")
+        expected = [
+            min(r.shape) if plan.matrices[r.name].is_dense else plan.matrices[r.name].rank for r in refs
+        ]
+        assert bank.ranks_for_retention(retention).tolist() == expected
+        assert bank.evaluate(bank.ranks_for_retention(retention), "svd").parameter_retention == pytest.approx(
+            plan.parameter_retention()
+        )
+
+
+def test_allocation_meets_the_budget_and_beats_uniform(setup, cache):
+    bank = build_bank(setup)
+    for retention in (0.3, 0.6):
+        uniform = bank.ranks_for_retention(retention)
+        allocated = bank.allocate(retention, "svdllm")
+        assert bank.ranks_after(allocated).sum() <= bank.ranks_after(uniform).sum()
+        u, a = bank.evaluate(uniform, "svdllm"), bank.evaluate(allocated, "svdllm")
+        assert a.loss["calibration"].sum() <= u.loss["calibration"].sum() + 1e-12
+        assert a.parameter_retention > retention - 0.05  # the budget is spent, not wasted
+
+
+def test_sigmascale_is_learned_per_matrix_cached_and_falls_back_to_asvd(setup, cache):
+    _, stats, heldout, refs, weights, key, _ = setup
+    bank = build_bank(setup)
+    ref = refs[0]
+    rank = spectra.reference_rank(ref.shape)
+    ranks = bank.ranks_for_retention(0.5)
+    before = bank.evaluate(ranks, "sigmascale")
+    np.testing.assert_array_equal(
+        before.loss["calibration"], bank.evaluate(ranks, "asvd").loss["calibration"]
+    )
+    assert bank.spectrum(ref.name, "sigmascale") is None
+    s, h = stats[stats_key(ref.layer, ref.group)], heldout[stats_key(ref.layer, ref.group)]
+    learned = spectra.learn_sigmascale(key, ref, weights[ref.name], s, h, rank)
+    assert spectra.sigmascale_path(key, ref.name, rank).is_file()
+    np.testing.assert_array_equal(spectra.load_sigmascale(key, ref, rank).sigma, learned.sigma)
+    # the learned curve at its own rank is the loss of SigmaScale's factors there, never worse than ASVD's
+    factors = decompose(weights[ref.name].double(), s, rank, "sigmascale")
+    assert learned.loss["calibration"][rank] == pytest.approx(
+        activation_loss(weights[ref.name], factors.to_dense(), s), abs=1e-9
+    )
+    assert (
+        learned.loss["calibration"][rank] <= bank.spectrum(ref.name, "asvd").loss["calibration"][rank] + 1e-12
+    )
+    bank.add_sigmascale(ref.name, learned)
+    after = bank.evaluate(ranks, "sigmascale")
+    assert after.loss["calibration"][0] == pytest.approx(learned.loss["calibration"][ranks[0]])
+    np.testing.assert_array_equal(after.loss["calibration"][1:], before.loss["calibration"][1:])
+
+
+def test_downsampling_keeps_both_ends():
+    assert spectra.downsample_indices(100).tolist() == list(range(100))
+    idx = spectra.downsample_indices(5000, 256)
+    assert idx[0] == 0 and idx[-1] == 4999 and len(idx) <= 256
+    assert np.all(np.diff(idx) > 0)
+    assert {4999, 4998, 4997, 4996, 0, 1, 2, 3} <= set(idx.tolist())  # the ends stay dense
+    assert np.diff(idx).max() < 5000 / 40  # and the middle is covered
+
+
+def test_cumulative_energy():
+    sigma = np.array([3.0, 2.0, 1.0])
+    np.testing.assert_allclose(spectra.cumulative_energy(sigma), [9 / 14, 13 / 14, 1.0])
+
+
+def test_toy_truncation_closed_forms():
+    toy = spectra.toy_problem("outlier channels")
+    m, n = toy.W.shape
+    k = 2
+    plain = spectra.toy_truncation(toy, [0.0] * m, [0.0] * n, k)
+    s2 = plain.sigma**2
+    assert plain.plain_error == pytest.approx(s2[k:].sum() / s2.sum())  # Eckart–Young
+    np.testing.assert_allclose(plain.scaled_sigma, plain.sigma)
+    stats = ActivationStats.from_inputs(toy.X)
+    best = activation_loss(toy.W, decompose(toy.W, stats, k, "svdllm").to_dense(), stats)
+    assert plain.optimal_activation_error == pytest.approx(best, rel=1e-6)
+    assert plain.activation_error >= plain.optimal_activation_error - 1e-12
+    # ASVD's scales help on outlier inputs; a common shift of all scales changes nothing
+    asvd = spectra.toy_truncation(toy, [0.0] * m, spectra.asvd_log2_scales(toy), k)
+    assert asvd.activation_error < plain.activation_error
+    shifted = spectra.toy_truncation(toy, [1.5] * m, [1.5] * n, k)
+    assert shifted.activation_error == pytest.approx(plain.activation_error)
+    rows, cols = spectra.learned_log2_scales(toy, k)
+    learned = spectra.toy_truncation(toy, rows, cols, k)
+    assert learned.activation_error <= asvd.activation_error + 1e-9
+
+
+def test_flat_spectrum_cannot_be_helped():
+    toy = spectra.toy_problem("flat spectrum")
+    m, n = toy.W.shape
+    plain = spectra.toy_truncation(toy, [0.0] * m, [0.0] * n, 3)
+    np.testing.assert_allclose(plain.sigma, np.ones(n), atol=1e-12)
+    rng = np.random.default_rng(1)
+    for _ in range(5):
+        scaled = spectra.toy_truncation(toy, rng.normal(size=m), rng.normal(size=n), 3)
+        assert scaled.activation_error >= plain.optimal_activation_error - 1e-12
+    assert plain.activation_error == pytest.approx(plain.optimal_activation_error, abs=1e-9)
+    assert plain.plain_error == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="unknown toy"):
+        spectra.toy_problem("nope")
