@@ -1,0 +1,622 @@
+"""Sensitivity probing: how much the model suffers when one matrix alone is truncated.
+
+For every target matrix and every retention of a grid, the matrix's weight is swapped for its rank-k
+reconstruction (by the chosen method, from the calibration stats), the perplexity of a small probing
+batch is measured, and the weight is put back (in `finally`). The result is a `SensitivityTable`,
+the input of `allocation.allocate`. `proxy_sensitivity` fills the same table from each matrix's
+`loss_curve` alone (relative activation loss), without a single forward pass.
+
+Text policy. The probing text is calibration-side: `calibration_side_batch` refuses (ValueError) any
+spec that shares a document with an evaluation text (`text.check_disjoint`), so a sensitivity, and the
+allocation built on it, is never tuned on the text perplexity is reported on. The default probing
+batch is drawn from boolq:calibration with its own seed (ProbeConfig.seed = 1, calibration's is 0):
+the windows are independent of the statistics' windows and may share tokens with them. That overlap is
+allowed (both are calibration-side, the probe ranks matrices against each other, it reports nothing)
+and measured: `probe` records the fraction of probing tokens that also fed the statistics.
+
+Cost. One probe is a forward pass over the probing batch from the truncated matrix's decoder layer on
+(the hidden states entering every layer are computed once), so ≈ matrices × grid × ½ forward. The
+bundled SmolLM2-135M has 210 matrices; with the default 8-point grid and 4 × 256 tokens that is 1,680
+partial forwards: hours on a laptop CPU, minutes on a GPU. `probe` therefore caches the finished
+table under cache_root()/probes/ and checkpoints a partial one after every matrix, so an interrupted
+run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sigmascale_core.artifacts import cache_root, write_json_atomic
+from sigmascale_core.calibration import stats_key
+from sigmascale_core.methods import METHOD_OPTIONS, METHODS, decompose, loss_curve
+from sigmascale_core.metrics import check_retention, rank_for_retention
+from sigmascale_core.models import (
+    FAMILIES,
+    LoadedModel,
+    MatrixRef,
+    decoder_layers,
+    get_module,
+    model_family,
+    model_fingerprint,
+    set_module,
+    target_matrices,
+    tokenizer_fingerprint,
+)
+from sigmascale_core.progress import Progress
+from sigmascale_core.stats import ActivationStats
+from sigmascale_core.text import calibration_batch, check_disjoint, token_stream, window_starts
+
+TABLE_VERSION = 1
+METRICS = ("perplexity", "relative_loss")
+DEFAULT_RETENTIONS: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+PROXY_RETENTIONS: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 20))  # 0.05 … 0.95
+DEFAULT_PROBE_TEXT = "boolq:calibration"
+DEFAULT_EVALUATION_TEXTS: tuple[str, ...] = ("boolq:evaluation", "lambada")  # = pipeline's defaults
+NESTED_METHODS = ("svd", "asvd", "svdllm")  # scaling independent of the rank: rank-k factors nest
+
+
+# ---------------------------------------------------------------------------------------------------
+# The table
+
+
+@dataclass(frozen=True)
+class SensitivityTable:
+    """Per matrix: the metric measured with only that matrix truncated, at each probed rank."""
+
+    metric: str  # "perplexity" (probe_sensitivity) or "relative_loss" (proxy_sensitivity)
+    dense: float  # the metric of the untouched model: its probing perplexity, 0.0 for the proxy
+    retentions: tuple[float, ...]  # the retention grid asked for
+    shapes: dict[str, tuple[int, int]]  # matrix name -> (m, n) = (out, in)
+    ranks: dict[str, tuple[int, ...]]  # matrix name -> probed ranks, ascending, all below break-even
+    values: dict[str, tuple[float, ...]]  # matrix name -> the metric at each of those ranks
+    method: str  # the decomposition that truncated the matrices (one of METHODS)
+    options: dict[str, object]  # its options
+    model_fingerprint: str  # model_fingerprint() of the model probed
+    info: dict[str, Any] = field(default_factory=dict)  # how it was made: text, tokens, seconds, ...
+    version: int = TABLE_VERSION
+
+    def __post_init__(self) -> None:
+        if self.metric not in METRICS:
+            raise ValueError(f"unknown metric {self.metric!r}; choose one of {METRICS}")
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
+        if not (math.isfinite(self.dense) and self.dense >= 0) or (
+            self.metric == "perplexity" and self.dense <= 0
+        ):
+            raise ValueError(f"dense {self.metric} must be finite and positive, got {self.dense!r}")
+        for r in self.retentions:
+            check_retention(r)
+        if set(self.ranks) != set(self.shapes) or set(self.values) != set(self.shapes):
+            raise ValueError("shapes, ranks and values must name the same matrices")
+        for name, (m, n) in self.shapes.items():
+            ranks, values = self.ranks[name], self.values[name]
+            if len(ranks) != len(values):
+                raise ValueError(f"{name}: {len(ranks)} ranks but {len(values)} values")
+            if list(ranks) != sorted(set(ranks)) or any(not 1 <= k < m * n / (m + n) for k in ranks):
+                raise ValueError(f"{name}: ranks must ascend, without repeats, in [1, break-even): {ranks}")
+            if not all(math.isfinite(v) and v >= 0 for v in values):
+                raise ValueError(f"{name}: values must be finite and non-negative")
+
+    def damage(self, name: str) -> tuple[tuple[int, ...], tuple[float, ...]]:
+        """(ranks, damage) of one matrix; damage is additive over matrices to first order:
+        perplexity -> log(ppl / dense ppl), the rise in mean NLL per token (nats); relative_loss -> as is."""
+        values = self.values[name]
+        if self.metric == "perplexity":
+            return self.ranks[name], tuple(math.log(v / self.dense) for v in values)
+        return self.ranks[name], tuple(values)
+
+    # -- JSON ---------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "version": self.version,
+            "metric": self.metric,
+            "dense": self.dense,
+            "retentions": list(self.retentions),
+            "method": self.method,
+            "options": self.options,
+            "model_fingerprint": self.model_fingerprint,
+            "info": self.info,
+            "matrices": {
+                name: {
+                    "shape": list(shape),
+                    "ranks": list(self.ranks[name]),
+                    "values": list(self.values[name]),
+                }
+                for name, shape in self.shapes.items()
+            },
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> SensitivityTable:
+        if not isinstance(data, dict) or data.get("version") != TABLE_VERSION:
+            version = data.get("version") if isinstance(data, dict) else None
+            raise ValueError(f"sensitivity table version {version!r} is not {TABLE_VERSION}")
+        try:
+            matrices = data["matrices"]
+            return cls(
+                metric=data["metric"],
+                dense=float(data["dense"]),
+                retentions=tuple(float(r) for r in data["retentions"]),
+                shapes={k: (int(v["shape"][0]), int(v["shape"][1])) for k, v in matrices.items()},
+                ranks={k: tuple(int(r) for r in v["ranks"]) for k, v in matrices.items()},
+                values={k: tuple(float(x) for x in v["values"]) for k, v in matrices.items()},
+                method=data["method"],
+                options=dict(data.get("options") or {}),
+                model_fingerprint=str(data["model_fingerprint"]),
+                info=dict(data.get("info") or {}),
+            )
+        except (KeyError, TypeError, IndexError, AttributeError) as err:
+            raise ValueError(f"malformed sensitivity table ({type(err).__name__}: {err})") from err
+
+    def save(self, path: str | Path) -> None:
+        write_json_atomic(self.to_dict(), path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> SensitivityTable:
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except FileNotFoundError:
+            raise ValueError(f"no sensitivity table at {path}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path} is not valid JSON: {err}") from err
+
+
+def probe_ranks(shape: tuple[int, int], retentions: Sequence[float]) -> tuple[int, ...]:
+    """The distinct ranks max(1, ⌊r·mn/(m+n)⌋) of a retention grid, ascending, below break-even only
+    (a rank at break-even would stay dense, so probing it says nothing)."""
+    m, n = shape
+    ranks = {max(1, rank_for_retention(m, n, r)) for r in retentions}
+    return tuple(sorted(k for k in ranks if k * (m + n) < m * n))
+
+
+def _check_grid(retentions: Sequence[float]) -> tuple[float, ...]:
+    grid = tuple(float(r) for r in retentions)
+    if not grid:
+        raise ValueError("the retention grid is empty")
+    for r in grid:
+        check_retention(r)
+    return tuple(sorted(set(grid)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Probing text
+
+
+def calibration_side_batch(
+    tokenizer: Any,
+    family: str,
+    spec: str,
+    n_samples: int,
+    seq_len: int,
+    seed: int,
+    evaluation: Sequence[str] = DEFAULT_EVALUATION_TEXTS,
+    role: str = "probing",
+) -> torch.Tensor:
+    """(n_samples, seq_len) seeded windows of `spec`, after checking that it shares no document with
+    any `evaluation` text (ValueError otherwise): probing and fine-tuning text stays calibration-side."""
+    if not evaluation:
+        raise ValueError(f"{role} text needs the evaluation texts to check against; none were given")
+    for other in evaluation:
+        check_disjoint(evaluation=other, **{role: spec})
+    return calibration_batch(tokenizer, family, spec, n_samples, seq_len, seed)
+
+
+def shared_token_fraction(n_tokens: int, a: tuple[int, int, int], b: tuple[int, int, int]) -> float:
+    """Fraction of the tokens of window set `a` = (n_samples, seq_len, seed) of a stream of n_tokens
+    that also lie in window set `b` (the same stream), as text.window_starts draws them."""
+    covered = torch.zeros(n_tokens, dtype=torch.bool)
+    for start in window_starts(n_tokens, *b).tolist():
+        covered[start : start + b[1]] = True
+    starts = window_starts(n_tokens, *a)
+    hits = sum(int(covered[s : s + a[1]].sum()) for s in starts.tolist())
+    return hits / (a[0] * a[1])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Scoring from a decoder layer on
+
+
+class _TailScorer:
+    """Mean next-token NLL of a fixed batch, recomputing only the decoder layers from `start` on.
+
+    The hidden states entering every decoder layer are recorded once (pre-hooks, dense model). A matrix
+    of layer i changes nothing before layer i, so its probe runs layers i… on the recorded input of
+    layer i, passed as `inputs_embeds` to the model with its layer list cut to layers[i:]. That is
+    exact for the registry's families (none scales its embeddings); a self-check at construction
+    compares it with the full forward and falls back to full forwards if they disagree.
+    """
+
+    def __init__(self, model: nn.Module, tokens: torch.Tensor, batch_size: int) -> None:
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.batches = [b.to(self.device) for b in tokens.split(batch_size)]  # (B, L) each
+        self.tokens_scored = sum(b[:, 1:].numel() for b in self.batches)
+        self.layers_path = FAMILIES[model_family(model)].layers
+        self.inputs = self._record_layer_inputs()  # inputs[i][b]: (B, L, hidden) entering layer i
+        self.dense_nll = self._full_nll()
+        self.exact = math.isclose(self._tail_nll(0), self.dense_nll, rel_tol=1e-5, abs_tol=1e-6)
+
+    @torch.no_grad()
+    def _record_layer_inputs(self) -> list[list[torch.Tensor]]:
+        layers = decoder_layers(self.model)
+        inputs: list[list[torch.Tensor]] = [[] for _ in layers]
+
+        def record(i: int) -> Callable:
+            def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+                inputs[i].append((args[0] if args else kwargs["hidden_states"]).detach())
+
+            return hook
+
+        hooks = [
+            layer.register_forward_pre_hook(record(i), with_kwargs=True) for i, layer in enumerate(layers)
+        ]
+        try:
+            for batch in self.batches:
+                self.model(batch, use_cache=False)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return inputs
+
+    @staticmethod
+    def _nll_sum(logits: torch.Tensor, ids: torch.Tensor) -> float:
+        logits = logits[:, :-1].float()  # (B, L-1, V)
+        targets = ids[:, 1:].reshape(-1)
+        return float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, reduction="sum"))
+
+    @torch.no_grad()
+    def _full_nll(self) -> float:
+        total = sum(self._nll_sum(self.model(b, use_cache=False).logits, b) for b in self.batches)
+        return total / self.tokens_scored
+
+    @torch.no_grad()
+    def _tail_nll(self, start: int) -> float:
+        layers = decoder_layers(self.model)
+        set_module(self.model, self.layers_path, layers[start:])
+        try:
+            total = 0.0
+            for hidden, ids in zip(self.inputs[start], self.batches, strict=True):
+                total += self._nll_sum(self.model(inputs_embeds=hidden, use_cache=False).logits, ids)
+        finally:
+            set_module(self.model, self.layers_path, layers)
+        return total / self.tokens_scored
+
+    def nll(self, start: int) -> float:
+        """Mean NLL of the model as it is now, given that layers before `start` are unchanged."""
+        return self._tail_nll(start) if self.exact else self._full_nll()
+
+
+@contextlib.contextmanager
+def _swapped_weight(module: nn.Module, weight: torch.Tensor) -> Iterator[None]:
+    """`module.weight` holds `weight` inside the block; the original tensor is back afterwards, always."""
+    original = module.weight.data
+    module.weight.data = weight
+    try:
+        yield
+    finally:
+        module.weight.data = original
+
+
+def _factor_source(
+    W: torch.Tensor, stats: ActivationStats | None, ranks: tuple[int, ...], method: str, options: dict
+) -> Callable[[int], torch.Tensor]:
+    """rank -> reconstruction left@right of W (W's dtype). Methods whose scaling does not depend on the
+    rank decompose once at the largest rank: their rank-k factors are the first k columns/rows."""
+    if method in NESTED_METHODS:
+        top = decompose(W, stats, max(ranks), method, **options)
+        return lambda k: top.left[:, :k] @ top.right[:k]
+    return lambda k: decompose(W, stats, k, method, **options).to_dense()
+
+
+def _matrix_stats(
+    ref: MatrixRef, stats: dict[str, ActivationStats], required: bool
+) -> ActivationStats | None:
+    key = stats_key(ref.layer, ref.group)
+    if key in stats:
+        return stats[key]
+    if required:
+        raise ValueError(f"no calibration stats for {ref.name} (expected key {key!r})")
+    return None
+
+
+def _select(model: nn.Module, matrices: Sequence[str] | None) -> list[MatrixRef]:
+    refs = target_matrices(model)
+    if matrices is None:
+        return refs
+    known = {r.name for r in refs}
+    unknown = [name for name in matrices if name not in known]
+    if unknown:
+        raise ValueError(f"no such target matrices: {unknown[:5]}")
+    wanted = set(matrices)
+    return [r for r in refs if r.name in wanted]
+
+
+def _method_options(method: str, options: dict[str, object] | None) -> dict[str, object]:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(METHOD_OPTIONS[method]))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for method {method!r}")
+    return options
+
+
+def probe_sensitivity(
+    model: nn.Module,
+    stats: dict[str, ActivationStats],
+    probe_tokens: torch.Tensor,
+    method: str = "svdllm",
+    retentions: Sequence[float] = DEFAULT_RETENTIONS,
+    options: dict[str, object] | None = None,
+    batch_size: int = 4,
+    matrices: Sequence[str] | None = None,
+    known: dict[str, tuple[tuple[int, ...], tuple[float, ...]]] | None = None,
+    on_matrix: Callable[[str, tuple[int, ...], tuple[float, ...]], None] | None = None,
+    progress: Progress | None = None,
+) -> SensitivityTable:
+    """Perplexity of `probe_tokens` (n_samples, seq_len) with one matrix at a time truncated to each rank
+    of the retention grid (by `method`, fitted on `stats`), every other matrix dense.
+
+    The model is left exactly as it was (weights swapped back in `finally`). `matrices` limits the probe
+    to some target matrices; `known` supplies already-probed matrices (name -> (ranks, perplexities)),
+    which are not probed again; `on_matrix(name, ranks, perplexities)` is called after each matrix (a
+    checkpoint hook). Progress counts (matrix, rank) probes.
+    """
+    if probe_tokens.ndim != 2 or probe_tokens.shape[1] < 2:
+        raise ValueError(f"probe_tokens must be (n_samples, seq_len ≥ 2), got {tuple(probe_tokens.shape)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    options = _method_options(method, options)
+    grid = _check_grid(retentions)
+    refs = _select(model, matrices)
+    known = dict(known or {})
+    started = time.perf_counter()
+    scorer = _TailScorer(model, probe_tokens, batch_size)
+    todo = [r for r in refs if r.name not in known]
+    total = sum(len(probe_ranks(r.shape, grid)) for r in todo)
+    done = 0
+    ranks_of: dict[str, tuple[int, ...]] = {}
+    values_of: dict[str, tuple[float, ...]] = {}
+    for ref in refs:
+        ranks = probe_ranks(ref.shape, grid)
+        if ref.name in known:
+            ranks_of[ref.name], values_of[ref.name] = _known_entry(ref, ranks, known[ref.name])
+            continue
+        values = []
+        if ranks:
+            module = get_module(model, ref.name)
+            W = module.weight.detach()
+            layer_stats = _matrix_stats(ref, stats, required=method != "svd")
+            layer_stats = None if layer_stats is None else layer_stats.to(W.device)
+            reconstruct = _factor_source(W, layer_stats, ranks, method, options)
+            for k in ranks:
+                with _swapped_weight(module, reconstruct(k).to(W.dtype)):
+                    values.append(math.exp(scorer.nll(ref.layer)))
+                done += 1
+                if progress is not None:
+                    progress(done, total, f"{ref.name} rank {k}")
+        ranks_of[ref.name], values_of[ref.name] = ranks, tuple(values)
+        if on_matrix is not None:
+            on_matrix(ref.name, ranks, tuple(values))
+    info = {
+        "probe_samples": int(probe_tokens.shape[0]),
+        "probe_seq_len": int(probe_tokens.shape[1]),
+        "tokens_scored": scorer.tokens_scored,
+        "tail_forward": scorer.exact,
+        "probes": total,
+        "seconds": time.perf_counter() - started,
+    }
+    return SensitivityTable(
+        metric="perplexity",
+        dense=math.exp(scorer.dense_nll),
+        retentions=grid,
+        shapes={r.name: r.shape for r in refs},
+        ranks=ranks_of,
+        values=values_of,
+        method=method,
+        options=options,
+        model_fingerprint=model_fingerprint(model),
+        info=info,
+    )
+
+
+def _known_entry(
+    ref: MatrixRef, ranks: tuple[int, ...], entry: tuple[Sequence[int], Sequence[float]]
+) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    known_ranks, known_values = tuple(int(k) for k in entry[0]), tuple(float(v) for v in entry[1])
+    if known_ranks != ranks or len(known_values) != len(ranks):
+        raise ValueError(f"{ref.name}: known probe has ranks {known_ranks}, the grid gives {ranks}")
+    return known_ranks, known_values
+
+
+def proxy_sensitivity(
+    model: nn.Module,
+    stats: dict[str, ActivationStats],
+    method: str = "svdllm",
+    retentions: Sequence[float] = PROXY_RETENTIONS,
+    options: dict[str, object] | None = None,
+    matrices: Sequence[str] | None = None,
+    progress: Progress | None = None,
+) -> SensitivityTable:
+    """The cheap stand-in for probing: each matrix's relative activation loss ‖(W−W′_k)X‖²/‖WX‖² at the
+    grid's ranks, read off `methods.loss_curve` (one decomposition per matrix; for sigmascale, whose
+    scaling is learned per rank, one per probed rank). No forward pass; every matrix weighs the same,
+    so it ranks ranks within a matrix well and matrices against each other only roughly."""
+    options = _method_options(method, options)
+    grid = _check_grid(retentions)
+    refs = _select(model, matrices)
+    started = time.perf_counter()
+    ranks_of: dict[str, tuple[int, ...]] = {}
+    values_of: dict[str, tuple[float, ...]] = {}
+    for done, ref in enumerate(refs, start=1):
+        ranks = probe_ranks(ref.shape, grid)
+        W = get_module(model, ref.name).weight.detach()
+        layer_stats = _matrix_stats(ref, stats, required=True).to(W.device)  # the loss needs a Gram
+        if not ranks:
+            values: list[float] = []
+        elif method == "sigmascale":
+            values = [float(loss_curve(W, layer_stats, method, rank=k, **options)[k]) for k in ranks]
+        else:
+            curve = loss_curve(W, layer_stats, method, **options)
+            values = [float(curve[k]) for k in ranks]
+        ranks_of[ref.name], values_of[ref.name] = ranks, tuple(values)
+        if progress is not None:
+            progress(done, len(refs), ref.name)
+    return SensitivityTable(
+        metric="relative_loss",
+        dense=0.0,
+        retentions=grid,
+        shapes={r.name: r.shape for r in refs},
+        ranks=ranks_of,
+        values=values_of,
+        method=method,
+        options=options,
+        model_fingerprint=model_fingerprint(model),
+        info={"seconds": time.perf_counter() - started},
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Whole-model job: probing text, cache, checkpoints
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    text: str = DEFAULT_PROBE_TEXT  # calibration-side text spec; checked against `evaluation`
+    samples: int = 4  # probing sequences
+    seq_len: int = 256  # tokens per sequence
+    seed: int = 1  # which windows are drawn (calibration's default seed is 0: different windows)
+    batch_size: int = 4  # sequences per forward pass
+    method: str = "svdllm"  # decomposition that truncates each matrix
+    options: dict[str, object] = field(default_factory=dict)  # its options
+    retentions: tuple[float, ...] = DEFAULT_RETENTIONS  # retention grid
+    proxy: bool = False  # True: loss-curve proxy instead of perplexity (no probing text needed)
+    evaluation: tuple[str, ...] = DEFAULT_EVALUATION_TEXTS  # texts the probing text must not touch
+
+
+def stats_digest(stats: dict[str, ActivationStats]) -> str:
+    """Short hex id of a stats dict (counts, abs sums, Gram diagonals and first rows): the probe cache
+    must change whenever the statistics that shape the truncations do."""
+    h = hashlib.blake2b(digest_size=8)
+    for key in sorted(stats):
+        s = stats[key]
+        h.update(f"{key}\0{s.in_features}\0{s.count}\0".encode())
+        for t in (s.abs_sum, s.gram.diagonal(), s.gram[0]):
+            h.update(t.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def probe_cache_path(key: dict[str, object]) -> Path:
+    digest = hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=12).hexdigest()
+    return cache_root() / "probes" / f"{digest}.json"
+
+
+def _read_cached(path: Path, key: dict[str, object]) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("key") != json.loads(json.dumps(key, sort_keys=True)):
+        return None
+    return data
+
+
+def probe(
+    loaded: LoadedModel,
+    stats: dict[str, ActivationStats],
+    config: ProbeConfig = ProbeConfig(),
+    calibration: tuple[str, int, int, int] | None = None,
+    progress: Progress | None = None,
+    use_cache: bool = True,
+) -> tuple[SensitivityTable, dict]:
+    """The sensitivity table of a loaded model, from cache when made before; else probed (or proxied),
+    checkpointed after every matrix into `<key>.partial.json` and resumed from there after an interrupt.
+
+    `calibration` = (text, samples, seq_len, seed) of the stats' windows, only to report the fraction of
+    probing tokens they share. Returns (table, info), info saying where it came from and what it cost.
+    """
+    options = _method_options(config.method, config.options)
+    grid = _check_grid(config.retentions)
+    key: dict[str, object] = {
+        "format": TABLE_VERSION,
+        "model": loaded.fingerprint,
+        "stats": stats_digest(stats),
+        "method": config.method,
+        "options": options,
+        "retentions": list(grid),
+        "proxy": config.proxy,
+    }
+    if not config.proxy:
+        key.update(
+            tokenizer=tokenizer_fingerprint(loaded.tokenizer),
+            text=config.text,
+            samples=config.samples,
+            seq_len=config.seq_len,
+            seed=config.seed,
+        )
+    path = probe_cache_path(key)
+    partial = path.with_name(path.stem + ".partial.json")
+    info: dict[str, object] = {**key, "cache": str(path)}
+    started = time.perf_counter()
+    if use_cache and (cached := _read_cached(path, key)) is not None:
+        with contextlib.suppress(ValueError):
+            table = SensitivityTable.from_dict(cached["table"])
+            return table, {**info, "cached": True, "seconds": time.perf_counter() - started}
+    if config.proxy:
+        table = proxy_sensitivity(loaded.model, stats, config.method, grid, options, progress=progress)
+    else:
+        tokens = calibration_side_batch(
+            loaded.tokenizer,
+            loaded.family,
+            config.text,
+            config.samples,
+            config.seq_len,
+            config.seed,
+            config.evaluation,
+        )
+        if calibration is not None and calibration[0] == config.text:
+            n_tokens = token_stream(loaded.tokenizer, loaded.family, config.text).numel()
+            probe_windows = (config.samples, config.seq_len, config.seed)
+            info["shared_with_stats"] = shared_token_fraction(n_tokens, probe_windows, calibration[1:])
+        known: dict[str, tuple[tuple[int, ...], tuple[float, ...]]] = {}
+        if use_cache and (saved := _read_cached(partial, key)) is not None:
+            known = {name: (tuple(e[0]), tuple(e[1])) for name, e in saved.get("matrices", {}).items()}
+        info["resumed_matrices"] = len(known)
+
+        def checkpoint(name: str, ranks: tuple[int, ...], values: tuple[float, ...]) -> None:
+            known[name] = (ranks, values)
+            if use_cache:
+                write_json_atomic(
+                    {"key": key, "matrices": {k: list(map(list, v)) for k, v in known.items()}}, partial
+                )
+
+        table = probe_sensitivity(
+            loaded.model,
+            stats,
+            tokens,
+            config.method,
+            grid,
+            options,
+            config.batch_size,
+            known=dict(known),
+            on_matrix=checkpoint,
+            progress=progress,
+        )
+        table = dataclasses.replace(table, info={**table.info, "text": config.text, "seed": config.seed})
+    if use_cache:
+        write_json_atomic({"key": key, "table": table.to_dict()}, path)
+        partial.unlink(missing_ok=True)
+    return table, {**info, "cached": False, "seconds": time.perf_counter() - started}
