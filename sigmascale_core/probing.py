@@ -505,6 +505,7 @@ class ProbeConfig:
     retentions: tuple[float, ...] = DEFAULT_RETENTIONS  # retention grid
     proxy: bool = False  # True: loss-curve proxy instead of perplexity (no probing text needed)
     evaluation: tuple[str, ...] = DEFAULT_EVALUATION_TEXTS  # texts the probing text must not touch
+    matrices: tuple[str, ...] | None = None  # probe only these target matrices (None: all)
 
 
 def stats_digest(stats: dict[str, ActivationStats]) -> str:
@@ -558,6 +559,7 @@ def probe(
         "options": options,
         "retentions": list(grid),
         "proxy": config.proxy,
+        "matrices": None if config.matrices is None else sorted(config.matrices),
     }
     if not config.proxy:
         key.update(
@@ -572,11 +574,13 @@ def probe(
     info: dict[str, object] = {**key, "cache": str(path)}
     started = time.perf_counter()
     if use_cache and (cached := _read_cached(path, key)) is not None:
-        with contextlib.suppress(ValueError):
+        with contextlib.suppress(KeyError, ValueError):
             table = SensitivityTable.from_dict(cached["table"])
             return table, {**info, "cached": True, "seconds": time.perf_counter() - started}
     if config.proxy:
-        table = proxy_sensitivity(loaded.model, stats, config.method, grid, options, progress=progress)
+        table = proxy_sensitivity(
+            loaded.model, stats, config.method, grid, options, config.matrices, progress=progress
+        )
     else:
         tokens = calibration_side_batch(
             loaded.tokenizer,
@@ -591,9 +595,13 @@ def probe(
             n_tokens = token_stream(loaded.tokenizer, loaded.family, config.text).numel()
             probe_windows = (config.samples, config.seq_len, config.seed)
             info["shared_with_stats"] = shared_token_fraction(n_tokens, probe_windows, calibration[1:])
-        known: dict[str, tuple[tuple[int, ...], tuple[float, ...]]] = {}
+        known: dict[str, tuple[tuple[int, ...], tuple[float, ...]]] = {}  # a bad partial file: start over
         if use_cache and (saved := _read_cached(partial, key)) is not None:
-            known = {name: (tuple(e[0]), tuple(e[1])) for name, e in saved.get("matrices", {}).items()}
+            with contextlib.suppress(KeyError, TypeError, ValueError, IndexError, AttributeError):
+                known = {
+                    str(name): (tuple(int(k) for k in e[0]), tuple(float(v) for v in e[1]))
+                    for name, e in saved["matrices"].items()
+                }
         info["resumed_matrices"] = len(known)
 
         def checkpoint(name: str, ranks: tuple[int, ...], values: tuple[float, ...]) -> None:
@@ -611,6 +619,7 @@ def probe(
             grid,
             options,
             config.batch_size,
+            config.matrices,
             known=dict(known),
             on_matrix=checkpoint,
             progress=progress,
