@@ -23,7 +23,7 @@ LABELS = {
     "svdllm": "whitening (SVD-LLM)",
     "sigmascale": "learned (SigmaScale)",
 }
-COLORS = alt.Scale(domain=list(LABELS.values()), range=["#555555", "#1f77b4", "#2ca02c", "#d62728"])
+PALETTE = {"svd": "#555555", "asvd": "#1f77b4", "svdllm": "#2ca02c", "sigmascale": "#d62728"}
 
 # -- overview heatmap ---------------------------------------------------------------------------------
 st.subheader("Overview: layers × matrices")
@@ -59,7 +59,7 @@ heatmap = (
         color=alt.Color("value:Q", title=None, scale=alt.Scale(scheme="viridis")),
         tooltip=["layer", "matrix", "shape", alt.Tooltip("value:Q", format=".4g", title=metric)],
     )
-    .properties(height=min(18 * len(set(bank.layers.tolist())) + 40, 600))
+    .properties(height=alt.Step(16 if len(set(bank.layers.tolist())) > 8 else 28))
 )
 st.altair_chart(heatmap, width="stretch")
 
@@ -99,6 +99,7 @@ if learned is None:
         except Exception as err:
             shared.show_error(err, "Cannot learn the SigmaScale scalings")
 methods = ["svd", "asvd", "svdllm"] + (["sigmascale"] if learned is not None else [])
+COLORS = alt.Scale(domain=[LABELS[x] for x in methods], range=[PALETTE[x] for x in methods])
 st.caption(
     f"SigmaScale learns its scaling for one rank: shown here learned at rank {ref_rank} "
     f"(retention {spectra.REFERENCE_RETENTION:.2f}), then applied unchanged at every rank."
@@ -169,7 +170,7 @@ if spectrum_rows:
     left.altair_chart(
         (_lines(frame, "sigma", "σᵢ / σ₁" if normalise else "σᵢ", True) + cut).interactive(), width="stretch"
     )
-    right.markdown("**Cumulative energy** Σ_{j≤i} σⱼ² / Σ σ²")
+    right.markdown("**Cumulative energy**: the share of Σσ² in the first i values")
     right.altair_chart(
         (_lines(pd.concat(energy_rows), "energy", "energy", False) + cut).interactive(), width="stretch"
     )

@@ -144,10 +144,10 @@ def live(save_slot) -> None:
 
     cols = st.columns(6)
     cols[0].metric(
-        "Parameter retention", f"{numbers.parameter_retention:.4%}", help="target linears after / before"
+        "Parameter retention", f"{numbers.parameter_retention:.2%}", help="target linears after / before"
     )
     cols[1].metric(
-        "Whole-model retention", f"{numbers.model_retention:.4%}", help="embeddings and norms included"
+        "Whole-model retention", f"{numbers.model_retention:.2%}", help="embeddings and norms included"
     )
     cols[2].metric("Mean rel. loss (calibration)", f"{numbers.mean_loss('calibration'):.5f}")
     cols[3].metric("Mean rel. loss (held-out)", f"{numbers.mean_loss('heldout'):.5f}")
@@ -232,7 +232,7 @@ def live(save_slot) -> None:
                 alt.Tooltip("loss:Q", format=".4g"),
             ],
         )
-        .properties(height=min(14 * len(layers) + 40, 460)),
+        .properties(height=alt.Step(12 if len(layers) > 8 else 28)),
         width="stretch",
     )
     right.markdown("**Relative loss per matrix** (calibration)")
@@ -245,7 +245,7 @@ def live(save_slot) -> None:
             color=alt.Color("matrix:N", sort=kinds),
             tooltip=["layer", "matrix", alt.Tooltip("loss:Q", format=".4g")],
         )
-        .properties(height=min(14 * len(layers) + 40, 460)),
+        .properties(height=300),
         width="stretch",
     )
     with st.expander("Per-matrix numbers"):

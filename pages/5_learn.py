@@ -98,7 +98,9 @@ left.altair_chart(
     .encode(
         x=alt.X("i:Q", title="index"),
         y=alt.Y("σ / σ₁:Q", scale=alt.Scale(type="log")),
-        color="spectrum:N",
+        color=alt.Color(
+            "spectrum:N", scale=alt.Scale(domain=["W", "scaled W"], range=["#555555", "#d62728"])
+        ),
         tooltip=["spectrum", "i", alt.Tooltip("σ / σ₁:Q", format=".4f")],
     )
     + cut,
@@ -128,7 +130,7 @@ right.altair_chart(
     .encode(
         x=alt.X("a:Q", title=f"channel {loud}"),
         y=alt.Y("b:Q", title=f"channel {other}"),
-        color="inputs:N",
+        color=alt.Color("inputs:N", scale=alt.Scale(range=["#d62728", "#555555"])),
         tooltip=["inputs", alt.Tooltip("a:Q", format=".3f"), alt.Tooltip("b:Q", format=".3f")],
     )
     .interactive(),

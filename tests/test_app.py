@@ -184,7 +184,7 @@ def test_an_edit_changes_the_totals_correctly(app, tiny):
     shapes = tiny["shapes"]
     uniform = CompressionPlan.uniform(shapes, 0.75, "sigmascale", tiny["fingerprint"])
     assert percent(metric(app, "Parameter retention")) == pytest.approx(
-        uniform.parameter_retention(), abs=1e-6
+        uniform.parameter_retention(), abs=5.1e-5
     )
     edit(app, {0: {"q": 0.25}, 1: {"down": 0.5}})
     assert not app.exception and not app.error
@@ -193,7 +193,7 @@ def test_an_edit_changes_the_totals_correctly(app, tiny):
     table["model.layers.1.mlp.down_proj"] = {"retention": 0.5}
     expected = CompressionPlan.from_table(shapes, table, "sigmascale", tiny["fingerprint"])
     assert percent(metric(app, "Parameter retention")) == pytest.approx(
-        expected.parameter_retention(), abs=1e-6
+        expected.parameter_retention(), abs=5.1e-5
     )
     # rank units: the same matrix at a rank
     app.radio(key="unit").set_value("rank").run()
@@ -265,7 +265,9 @@ def test_a_saved_plan_loads_back_and_bad_plans_are_refused(app, tiny, monkeypatc
     assert not app.exception and not app.error
     np.testing.assert_array_equal(app.session_state["plan"]["ranks"], ranks)
     assert app.session_state["plan"]["method"] == "svdllm"
-    assert percent(metric(app, "Parameter retention")) == pytest.approx(plan.parameter_retention(), abs=1e-6)
+    assert percent(metric(app, "Parameter retention")) == pytest.approx(
+        plan.parameter_retention(), abs=5.1e-5
+    )
     # bad plans: not JSON, another model, another version
     for name, content, message in (
         ("junk.json", b"{not json", "Cannot load junk.json"),

@@ -1,0 +1,260 @@
+"""End to end in a real browser: Debian's chromium driven by Playwright against `streamlit run app.py`.
+
+Opens every page, edits a retention in the Ranks table and sees the totals change, picks the svd method,
+starts a small run on the Run page and waits for it to finish. Screenshots of every step are saved under
+$SIGMASCALE_E2E_ARTIFACTS (default build/e2e/), for CI to keep as artefacts.
+
+The app runs on a tiny random Llama (with the bundled tokenizer) and small file: texts, with its own
+cache and runs folders, on a free localhost port.
+"""
+
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = Path(os.environ.get("SIGMASCALE_E2E_ARTIFACTS", ROOT / "build" / "e2e"))
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+WORDS = [
+    "the",
+    "of",
+    "and",
+    "a",
+    "to",
+    "in",
+    "is",
+    "was",
+    "he",
+    "for",
+    "it",
+    "with",
+    "as",
+    "his",
+    "on",
+    "be",
+    "at",
+    "by",
+    "this",
+    "had",
+    "not",
+    "are",
+    "but",
+    "from",
+    "or",
+    "have",
+    "an",
+    "they",
+]
+
+try:
+    from playwright.sync_api import expect, sync_playwright
+except ImportError:  # pragma: no cover - CI installs it (the test extra)
+    sync_playwright = None
+
+pytestmark = [
+    pytest.mark.skipif(
+        sync_playwright is None, reason="playwright is not installed (pip install playwright)"
+    ),
+    pytest.mark.skipif(
+        not os.access(CHROMIUM, os.X_OK), reason=f"{CHROMIUM} is missing (apt-get install chromium)"
+    ),
+]
+
+
+def write_text(path: Path, seed: int) -> str:
+    rng = random.Random(seed)
+    path.write_text(
+        "\n\n".join(f"{path.stem} {i}. " + " ".join(rng.choices(WORDS, k=100)) for i in range(40))
+    )
+    return f"file:{path}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """`streamlit run app.py` on a free localhost port, healthy; yields its base URL."""
+    from tiny import tiny_model
+    from transformers import AutoTokenizer
+
+    from sigmascale_core.models import bundled_model_dir
+    from sigmascale_core.plan import CompressionPlan
+    from sigmascale_core.surgery import target_shapes
+
+    root = tmp_path_factory.mktemp("e2e")
+    tokenizer = AutoTokenizer.from_pretrained(bundled_model_dir())
+    model = tiny_model("llama")
+    model.resize_token_embeddings(len(tokenizer))
+    model.save_pretrained(root / "tiny")
+    tokenizer.save_pretrained(root / "tiny")
+    defaults = {
+        "model": str(root / "tiny"),
+        "device": "cpu",
+        "text": write_text(root / "cal.txt", 1),
+        "samples": 4,
+        "seq_len": 32,
+        "heldout_text": write_text(root / "held.txt", 2),
+        "heldout_samples": 2,
+        "evaluation": [write_text(root / "eval.txt", 3)],
+        "max_eval_tokens": 2048,
+    }
+    env = {
+        **os.environ,
+        "SIGMASCALE_CACHE": str(root / "cache"),
+        "SIGMASCALE_RUNS": str(root / "runs"),
+        "SIGMASCALE_APP_DEFAULTS": json.dumps(defaults),
+    }
+    port = free_port()
+    log = open(root / "streamlit.log", "wb")  # noqa: SIM115 - closed below
+    argv = [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true"]
+    argv += ["--server.port", str(port), "--server.address", "127.0.0.1"]
+    argv += ["--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"]
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if urllib.request.urlopen(f"{base}/_stcore/health", timeout=2).read() == b"ok":
+                break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"streamlit did not become healthy:\n{(root / 'streamlit.log').read_text()[-3000:]}")
+        time.sleep(0.3)
+    # the plan's parameter retention once layer 0's q is set to 0.2 (the others uniform at 0.75)
+    shapes = target_shapes(model)
+    table = {name: {"retention": 0.75} for name in shapes}
+    table["model.layers.0.self_attn.q_proj"] = {"retention": 0.2}
+    edited = CompressionPlan.from_table(shapes, table, "svd", "fp").parameter_retention()
+    yield {"base": base, "runs": root / "runs", "log": root / "streamlit.log", "q_at_0.2": edited}
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shutil.copy(root / "streamlit.log", ARTIFACTS / "streamlit.log")
+
+
+@pytest.fixture(scope="module")
+def page(server, tmp_path_factory):
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        context = p.chromium.launch_persistent_context(
+            str(tmp_path_factory.mktemp("chromium-profile")),  # a fresh user-data dir
+            executable_path=CHROMIUM,
+            headless=True,
+            args=CHROMIUM_ARGS,
+            viewport={
+                "width": 1400,
+                "height": 2400,
+            },  # Streamlit scrolls inside: a tall viewport shows it all
+        )
+        try:
+            yield context.new_page()
+        finally:
+            context.close()
+
+
+def shot(page, name: str) -> None:
+    page.screenshot(path=ARTIFACTS / f"{name}.png", full_page=True)
+
+
+def nav(page, title: str) -> None:
+    """Switch page through the sidebar (keeps the session, as a user does)."""
+    page.get_by_role("link", name=title, exact=True).click()
+
+
+def metric_value(page, label: str):
+    return (
+        page.locator('[data-testid="stMetric"]')
+        .filter(has_text=label)
+        .locator('[data-testid="stMetricValue"]')
+    )
+
+
+def test_every_page_then_an_edit_then_a_run(server, page):
+    page.goto(server["base"])
+    page.get_by_role("heading", name="Model & data").wait_for(timeout=60_000)
+    expect(page.get_by_role("button", name="Load & calibrate")).to_be_visible()
+    shot(page, "1_model")
+
+    nav(page, "Spectra")  # calibrates and computes the spectra on first visit
+    page.get_by_text("Overview: layers × matrices").wait_for(timeout=180_000)
+    expect(page.locator(".vega-embed")).to_have_count(5, timeout=60_000)
+    shot(page, "2_spectra")
+
+    nav(page, "Ranks")
+    retention = metric_value(page, "Parameter retention")
+    expect(retention).to_have_text("73.75%", timeout=60_000)
+    shot(page, "3_ranks_before")
+    # edit layer 0's q retention in the table (a canvas grid): select the cell, open it, type, commit
+    grid = page.locator('[data-testid="stDataFrame"]').first
+    grid.scroll_into_view_if_needed()
+    box = grid.bounding_box()
+    page.mouse.click(box["x"] + 130, box["y"] + 52)  # header row ≈ 35 px; first data column after the index
+    page.wait_for_timeout(500)
+    page.keyboard.press("Enter")
+    page.wait_for_timeout(500)
+    page.keyboard.press("Control+A")
+    page.keyboard.type("0.2", delay=50)
+    page.keyboard.press("Enter")
+    expected = f"{server['q_at_0.2']:.2%}"
+    expect(retention).to_have_text(expected, timeout=20_000)
+    shot(page, "3_ranks_edited")
+    # a preset changes it again: uniform at the slider's retention
+    page.locator('[data-testid="stSelectbox"]').filter(has_text="Method").click()
+    page.get_by_role("option", name="svd", exact=True).click()
+    page.get_by_role("button", name="Uniform preset").click()
+    expect(retention).to_have_text("73.75%", timeout=20_000)
+    page.get_by_role("button", name="Undo").click()
+    expect(retention).to_have_text(expected, timeout=20_000)
+    shot(page, "3_ranks_after")
+
+    nav(page, "Run")
+    expect(page.get_by_text("The plan from")).to_contain_text("svd", timeout=60_000)
+    page.get_by_role("button", name="Start run").click()
+    expect(page.get_by_text("Started run")).to_be_visible(timeout=30_000)
+    shot(page, "4_run_started")
+    page.get_by_text("— done;").wait_for(timeout=240_000)
+    shot(page, "4_run_done")
+    runs = list(server["runs"].iterdir())
+    assert len(runs) == 1
+    meta = json.loads((runs[0] / "meta.json").read_text())
+    assert meta["status"] == "done"
+    report = json.loads((runs[0] / "report.json").read_text())
+    assert report["method"] == "svd" and report["parameter_retention"] == pytest.approx(
+        server["q_at_0.2"], abs=1e-12
+    )
+
+    nav(page, "Learn")
+    page.get_by_text("Activation cloud").wait_for(timeout=60_000)
+    error = metric_value(page, "Activation error")
+    before = error.inner_text()
+    page.get_by_role("button", name="ASVD scales").click()
+    expect(error).not_to_have_text(before, timeout=20_000)
+    shot(page, "5_learn")
+    assert "Traceback" not in server["log"].read_text()
