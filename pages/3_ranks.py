@@ -8,6 +8,7 @@ import pandas as pd
 import streamlit as st
 
 from pages import _shared as shared
+from sigmascale_core.allocation import allocate_ranks, damage_curves
 from sigmascale_core.methods import METHODS
 from sigmascale_core.plan import CompressionPlan
 
@@ -29,9 +30,23 @@ def _uniform() -> None:
     shared.set_ranks(state, bank.ranks_for_retention(retention), "uniform", retention)
 
 
+PROXY, PROBE = "loss curves (proxy, instant)", "perplexity probe"
+
+
 def _allocate() -> None:
+    """Same budget as the uniform retention, spent by allocation.allocate_ranks (greedy) on the chosen
+    sensitivity: the cached loss curves of the plan's method, or the perplexity probe when it was run."""
     retention = float(st.session_state["uniform_retention"])
-    shared.set_ranks(state, bank.allocate(retention, state["method"]), "sensitivity", retention)
+    try:
+        if st.session_state.get("sensitivity_source") == PROBE:
+            curves = damage_curves(shared.probe_table(shared.config()))
+        else:
+            curves = bank.damage_curves(state["method"])
+        ranks = bank.ranks_of(allocate_ranks(curves, retention, "greedy"))
+    except Exception as err:  # shown on the next run, never a traceback
+        st.session_state["preset_error"] = f"{type(err).__name__}: {err}"
+        return
+    shared.set_ranks(state, ranks, "sensitivity", retention)
 
 
 def _undo() -> None:
@@ -66,11 +81,29 @@ top[3].button(
     on_click=_allocate,
     key="preset_sensitivity",
     width="stretch",
-    help="the same parameter budget as the uniform retention, spent where the calibration loss curves "
-    "(the probes) say it buys the most: minimises the sum of per-matrix relative losses",
+    help="the uniform retention's parameter budget (within one rank), spent where the sensitivity "
+    "(below) says it buys the most: allocation.allocate_ranks, greedy",
 )
 top[4].button("Undo", on_click=_undo, key="undo", disabled=not state["history"], width="stretch")
 top[5].button("Reset", on_click=_reset, key="reset", width="stretch")
+
+if message := st.session_state.pop("preset_error", None):
+    st.error(f"Cannot allocate: {message}")
+probe = shared.probe_table(shared.config())
+sources = [PROXY] + ([PROBE] if probe is not None else [])
+with st.expander("Sensitivity for the allocated preset"):
+    st.selectbox("Sensitivity from", sources, key="sensitivity_source")
+    st.caption(
+        "The proxy reads each matrix's cached relative-loss curve (every matrix counts the same). The "
+        "perplexity probe truncates one matrix at a time and measures the model's perplexity on a "
+        "calibration-side text: slow on CPU (hours for the bundled model), cached and resumable."
+    )
+    if probe is None and st.button("Run (or load) the perplexity probe", key="run_probe"):
+        try:
+            shared.probe_table(shared.config(), run=True)
+            st.rerun()
+        except Exception as err:
+            shared.show_error(err, "Probing failed")
 
 try:
     loaded = shared.model(shared.config())

@@ -232,6 +232,24 @@ def learn_sigmascale(cfg: AppConfig, bank_, names: list[str]) -> None:
     bar.empty()
 
 
+def probe_table(cfg: AppConfig, run: bool = False):
+    """The perplexity sensitivity table (sigmascale_core.probing) of the config's model: from memory,
+    else (when `run`) from probing's disk cache or probed now with a progress bar; None if not run."""
+    loaded = model(cfg)
+    box = _box("probe", loaded.fingerprint, json.dumps(asdict(cfg.calibration()), sort_keys=True))
+    with box["lock"]:
+        if "table" not in box and run:
+            from sigmascale_core.probing import ProbeConfig, probe
+
+            cal, info = stats(loaded, cfg.calibration(), "Calibrating")
+            config = ProbeConfig(text=cfg.text, evaluation=(*cfg.evaluation, cfg.heldout_text))
+            bar, update = _progress_callback("Probing: perplexity with one matrix truncated at a time")
+            calibration = (cfg.text, cfg.samples, info["seq_len"], cfg.seed)
+            box["table"], box["info"] = probe(loaded, cal, config, calibration=calibration, progress=update)
+            bar.empty()
+    return box.get("table")
+
+
 def ready_bank():
     """The bank for the session's config, or None after showing why it is not available."""
     cfg = config()

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
+from sigmascale_core.allocation import DamageCurve, damage_curve, max_rank
 from sigmascale_core.artifacts import cache_root, save_tensors_atomic
 from sigmascale_core.calibration import STATS_FORMAT, stats_key
 from sigmascale_core.methods import METHOD_OPTIONS, METHODS, loss_curve, scaled_spectrum
@@ -445,38 +446,23 @@ class SpectraBank:
             total_params=self.total_params,
         )
 
-    def allocate(self, retention: float, method: str, split: str = "calibration") -> np.ndarray:
-        """Sensitivity-allocated ranks: minimise Σ per-matrix relative loss (from the curves) subject to
-        the same parameter budget as a uniform plan at `retention`.
+    def damage_curves(self, method: str, split: str = "calibration") -> dict[str, DamageCurve]:
+        """The cached loss curves as allocation.DamageCurve, every rank below break-even measured: the
+        loss-curve proxy of a sensitivity probe (no forward pass). Calibration tokens by default, so an
+        allocation is never tuned on held-out (evaluation-side) text."""
+        curves = {}
+        for i, name in enumerate(self.names):
+            shape = (int(self.shapes[i, 0]), int(self.shapes[i, 1]))
+            ranks = list(range(1, max_rank(shape) + 1))
+            curves[name] = damage_curve(shape, ranks, self.curves[method, split][i, ranks].tolist())
+        return curves
 
-        Lagrangian: for a price λ each matrix picks argmin_k loss(k) + λ·params(k) (dense: loss 0 at
-        m·n); λ is bisected (in log space) to the cheapest price whose plan fits the budget. Every
-        matrix's relative loss counts the same, which favours the matrices whose spectra fall fastest.
-        """
-        budget = float(self.ranks_after(self.ranks_for_retention(retention)).sum())
-        curve = self.curves[method, split]  # (N, W)
-        ks = np.arange(self.width)[None, :]
-        valid = (ks >= 1) & (ks <= self.full_rank[:, None])
-        dense = ks >= self.break_even[:, None]
-        params = np.where(dense, self.params_before[:, None], ks * self.params_per_rank[:, None]).astype(
-            np.float64
-        )
-        loss = np.where(dense, 0.0, np.nan_to_num(curve, nan=np.inf))
-        loss = np.where(valid, loss, np.inf)
-
-        def pick(price: float) -> np.ndarray:
-            return np.argmin(loss + price * params, axis=1)
-
-        lo, hi = -30.0, 10.0  # log10 of the price per parameter
-        best = pick(10.0**hi)
-        for _ in range(60):
-            mid = (lo + hi) / 2
-            ranks = pick(10.0**mid)
-            if self.ranks_after(ranks).sum() <= budget:
-                best, hi = ranks, mid
-            else:
-                lo = mid
-        return self.normalise(best)
+    def ranks_of(self, allocation: dict[str, int | None]) -> np.ndarray:
+        """Per-matrix ranks (array, dense = min(m, n)) from a {name: rank or None} allocation."""
+        ranks = [
+            self.full_rank[i] if allocation[n] is None else allocation[n] for i, n in enumerate(self.names)
+        ]
+        return self.normalise(np.array(ranks))
 
     def ranks_after(self, ranks: np.ndarray) -> np.ndarray:
         """Parameters each matrix keeps at `ranks`."""

@@ -65,6 +65,8 @@ WORDS = [
 
 try:
     from playwright.sync_api import expect, sync_playwright
+
+    expect.set_options(timeout=30_000)  # CI's 2 cores are shared with the Streamlit server: no 5 s default
 except ImportError:  # pragma: no cover - CI installs it (the test extra)
     sync_playwright = None
 

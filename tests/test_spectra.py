@@ -6,6 +6,7 @@ import torch
 from tiny import VOCAB, tiny_model
 
 from sigmascale_core import spectra
+from sigmascale_core.allocation import allocate_ranks, max_rank
 from sigmascale_core.calibration import collect_stats, stats_key
 from sigmascale_core.methods import decompose, loss_curve, scaled_spectrum
 from sigmascale_core.metrics import activation_loss, effective_rank, participation_ratio
@@ -136,15 +137,22 @@ def test_uniform_ranks_agree_with_the_plan(setup, cache):
         )
 
 
-def test_allocation_meets_the_budget_and_beats_uniform(setup, cache):
+def test_loss_curves_feed_the_allocator(setup, cache):
     bank = build_bank(setup)
+    curves = bank.damage_curves("svdllm")
+    i = 3
+    name = bank.names[i]
+    k_max = max_rank(tuple(int(x) for x in bank.shapes[i]))
+    # every rank below break-even is a measured point: the damage is the curve's monotone envelope
+    raw = bank.curves["svdllm", "calibration"][i, 1 : k_max + 1]
+    np.testing.assert_allclose(curves[name].damage[1:].numpy(), np.maximum.accumulate(raw[::-1])[::-1])
     for retention in (0.3, 0.6):
         uniform = bank.ranks_for_retention(retention)
-        allocated = bank.allocate(retention, "svdllm")
-        assert bank.ranks_after(allocated).sum() <= bank.ranks_after(uniform).sum()
+        allocated = bank.ranks_of(allocate_ranks(curves, retention, "greedy"))
+        assert bank.ranks_after(allocated).sum() <= retention * bank.params_before.sum()
         u, a = bank.evaluate(uniform, "svdllm"), bank.evaluate(allocated, "svdllm")
         assert a.loss["calibration"].sum() <= u.loss["calibration"].sum() + 1e-12
-        assert a.parameter_retention > retention - 0.05  # the budget is spent, not wasted
+        assert a.parameter_retention > retention - 0.02  # the budget is spent, not wasted
 
 
 def test_sigmascale_is_learned_per_matrix_cached_and_falls_back_to_asvd(setup, cache):
