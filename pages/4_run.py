@@ -73,12 +73,16 @@ with st.form("run_form"):
     c, d = st.columns(2)
     tasks = c.multiselect("Zero-shot tasks", tasks_available, key="run_tasks")
     limit = d.number_input("Zero-shot items per task", 1, 100000, 100, key="run_limit")
-    st.checkbox(
+    e, f = st.columns(2)
+    finetune = e.checkbox(
         "Fine-tune after compressing",
         value=False,
-        disabled=True,
         key="run_finetune",
-        help="not in this build: the engine has no fine-tuning step yet (a run's steps leave room for one)",
+        help="distil the dense model into the low-rank factors (KL on next-token distributions, AdamW, "
+        "calibration-side text); the perplexity before it is kept in the report",
+    )
+    finetune_steps = f.number_input(
+        "Fine-tune steps", 1, 100_000, 100, key="run_finetune_steps", help="4 × 256 tokens per step"
     )
     go = st.form_submit_button("Start run", type="primary")
 baseline = st.button(
@@ -106,6 +110,7 @@ if go or baseline:
             max_eval_tokens=int(max_tokens),
             tasks=tuple(tasks),
             task_limit=int(limit),
+            finetune_steps=int(finetune_steps) if finetune and not baseline else 0,
             label=label.strip(),
         )
         run_plan = None
@@ -187,10 +192,13 @@ def _row(record: jobs.RunRecord) -> dict:
         "model retention": report.get("model_retention", 1.0 if record.meta.get("kind") == "dense" else None),
         "model": spec.get("model", ""),
         "max tokens": spec.get("max_eval_tokens"),
+        "fine-tune steps": spec.get("finetune_steps", 0),
         "seconds": record.seconds,
     }
     for text, result in (report.get("perplexity") or {}).items():
         row[f"ppl {text}"] = result.get("perplexity")
+    for text, result in (report.get("perplexity_before_finetune") or {}).items():
+        row[f"ppl {text} before fine-tune"] = result.get("perplexity")
     zero = report.get("zero_shot") or {}
     if zero.get("mean_acc") is not None:
         row["zero-shot mean acc"] = zero["mean_acc"]

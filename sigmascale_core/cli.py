@@ -140,15 +140,47 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     _write_json(info, args.report)
 
 
+def _probe_config(args: argparse.Namespace, method: str, evaluation: list[str]):
+    from sigmascale_core.pipeline import probe_config_for
+
+    return probe_config_for(method, args.text, evaluation, args.probe == "proxy", args.probe_method)
+
+
+def _calibration_windows(args: argparse.Namespace, info: dict) -> tuple[str, int, int, int]:
+    """(text, samples, seq_len, seed) of the statistics' windows, for the probe's overlap report."""
+    return (args.text, args.samples, int(info["seq_len"]), args.seed)
+
+
+def cmd_probe(args: argparse.Namespace) -> None:
+    from sigmascale_core.pipeline import calibrate, peak_memory
+    from sigmascale_core.probing import probe
+
+    evaluation = [t for t in args.eval.split(",") if t]
+    config = _probe_config(args, args.probe_method or "svdllm", evaluation)
+    loaded = _load(args)
+    stats, info = calibrate(loaded, _calibration_config(args), progress=_progress("calibration"))
+    table, probe_info = probe(
+        loaded, stats, config, calibration=_calibration_windows(args, info), progress=_progress("probe")
+    )
+    if args.out is not None:
+        table.save(args.out)
+        print(f"wrote the sensitivity table to {args.out}", file=sys.stderr)
+    _write_json({"calibration": info, "probe": probe_info, **peak_memory()}, args.report)
+
+
 def cmd_compress(args: argparse.Namespace) -> None:
+    import copy
+
     from sigmascale_core.pipeline import (
+        FinetuneConfig,
+        build_plan,
         calibrate,
         check_texts,
         compress_sequential,
         evaluate_perplexity,
+        finetune,
         parameter_count,
         peak_memory,
-        uniform_plan,
     )
     from sigmascale_core.plan import CompressionPlan
     from sigmascale_core.surgery import check_plan_matches, compress, save_compressed
@@ -156,43 +188,76 @@ def cmd_compress(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.exists() and not args.force:
         raise ValueError(f"--out {out} exists; pass --force to replace it")
+    if args.finetune_steps < 0:
+        raise ValueError(f"--finetune-steps must be ≥ 0, got {args.finetune_steps}")
+    if args.plan and args.allocation != "uniform":
+        raise ValueError("--allocation builds a plan; it cannot be combined with --plan")
     evaluation = [t for t in (args.eval or "").split(",") if t]
     check_texts(args.text, evaluation)
     started = time.perf_counter()
     loaded = _load(args)
+    total_before = parameter_count(loaded.model)
+    teacher = copy.deepcopy(loaded.model) if args.finetune_steps else None
+    stats, calibration, planning = None, None, {}
+    if not args.sequential or args.allocation != "uniform":  # the probe reads the dense model's stats
+        stats, calibration = calibrate(loaded, _calibration_config(args), progress=_progress("calibration"))
     if args.plan:
         plan = CompressionPlan.load(args.plan)
         check_plan_matches(loaded.model, plan, loaded.fingerprint)
     else:
         if args.retention is None:
             raise ValueError("give --retention R or --plan PLAN.json")
-        plan = uniform_plan(loaded, args.retention, args.method, _parse_options(args.option, args.method))
-    total_before = parameter_count(loaded.model)
+        plan, planning = build_plan(
+            loaded,
+            stats,
+            args.retention,
+            args.method,
+            _parse_options(args.option, args.method),
+            args.allocation,
+            _probe_config(args, args.method, evaluation),
+            None if stats is None else _calibration_windows(args, calibration),
+            _progress("probe"),
+        )
     start = time.perf_counter()
     if args.sequential:
         _, calibration = compress_sequential(
             loaded, plan, _calibration_config(args), _progress("calibration")
         )
     else:
-        stats, calibration = calibrate(loaded, _calibration_config(args), progress=_progress("calibration"))
-        start = time.perf_counter()
         compress(loaded.model, plan, stats, progress=_progress("compress"))
-    compress_seconds = time.perf_counter() - start
     report = {
         "model": args.model,
         "fingerprint": loaded.fingerprint,
         "method": plan.method,
         "options": plan.options,
+        "allocation": plan.allocation,
         "target_retention": plan.target_retention,
         "parameter_retention": plan.parameter_retention(),
         "model_retention": plan.model_retention(total_before),
         "calibration": calibration,
-        "compress_seconds": compress_seconds,
+        **planning,
+        "compress_seconds": time.perf_counter() - start,
     }
-    if evaluation:
-        report["perplexity"] = evaluate_perplexity(
+
+    def evaluate() -> dict:
+        return evaluate_perplexity(
             loaded, evaluation, args.window, args.max_eval_tokens, progress=_progress("perplexity")
         )
+
+    if teacher is not None:
+        if evaluation:
+            report["perplexity_before_finetune"] = evaluate()
+        config = FinetuneConfig(  # the calibration's text and window size, other windows (seed 2)
+            steps=args.finetune_steps,
+            lr=args.finetune_lr,
+            text=args.text,
+            samples=args.samples,
+            seq_len=args.finetune_seq_len or int(calibration["seq_len"]),
+        )
+        report["finetune"] = finetune(loaded, teacher, config, evaluation, _progress("finetune"))
+        del teacher
+    if evaluation:
+        report["perplexity"] = evaluate()
     report["total_seconds"] = time.perf_counter() - started
     report.update(peak_memory())
     path = save_compressed(loaded.model, plan, out, loaded.tokenizer, report, force=args.force)
@@ -337,6 +402,24 @@ def _calibration_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass (default: 4)")
 
 
+def _probe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--probe",
+        choices=("perplexity", "proxy"),
+        default="perplexity",
+        help="sensitivity: perplexity on calibration-side text with one matrix truncated at a time (the "
+        "paper's; cached and resumable, minutes on a GPU, hours on a CPU for the bundled model), or "
+        "proxy: each matrix's relative activation loss from its loss curve (instant) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--probe-method",
+        choices=METHODS,
+        default=None,
+        help="decomposition that truncates the probed matrices (default: the plan's method, svdllm for "
+        "sigmascale)",
+    )
+
+
 def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--window", type=int, default=None, help="perplexity window (default: min(2048, model max))"
@@ -350,6 +433,8 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from sigmascale_core.pipeline import ALLOCATIONS
+
     parser = argparse.ArgumentParser(
         prog="sigmascale", description="Compress LLMs by truncated SVD with learned scaling."
     )
@@ -391,10 +476,51 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: every layer sees the dense model's activations)",
     )
     p.add_argument(
+        "--allocation",
+        choices=ALLOCATIONS,
+        default="uniform",
+        help="uniform: --retention for every matrix; sensitivity (ASVD's binary search) or greedy (our "
+        "optimiser): the same parameter budget spent where a sensitivity probe says it hurts least "
+        "(default: %(default)s)",
+    )
+    _probe_args(p)
+    p.add_argument(
+        "--finetune-steps",
+        type=int,
+        default=0,
+        help="after compressing, distil the dense model into the factors for N AdamW steps on "
+        "calibration-side text (holds a dense copy in memory; default: 0, no fine-tune)",
+    )
+    p.add_argument(
+        "--finetune-lr", type=float, default=1e-4, help="peak fine-tune learning rate (default: 1e-4)"
+    )
+    p.add_argument(
+        "--finetune-seq-len",
+        type=int,
+        default=None,
+        help="tokens per fine-tune sequence; --samples sequences (+4 held out) of --text, other windows "
+        "than the calibration's (default: the calibration's sequence length)",
+    )
+    p.add_argument(
         "--eval", default="", help="comma-separated evaluation texts, e.g. boolq:evaluation,lambada"
     )
     _eval_args(p)
     p.set_defaults(run=cmd_compress)
+
+    p = sub.add_parser(
+        "probe", help="per-matrix sensitivity: perplexity with one matrix truncated at a time (cached)"
+    )
+    _model_args(p)
+    _calibration_args(p)
+    _probe_args(p)
+    p.add_argument(
+        "--eval",
+        default="",
+        help="further evaluation texts the probing text must not touch (boolq:evaluation and lambada always)",
+    )
+    p.add_argument("--out", type=Path, help="write the SensitivityTable JSON here")
+    p.add_argument("--report", type=Path, help="write the JSON report here (default: stdout)")
+    p.set_defaults(run=cmd_probe)
 
     p = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a dense or compressed model")
     _model_args(p)

@@ -68,14 +68,18 @@ class RunSpec:
     max_eval_tokens: int | None = 8192  # perplexity: score the first N tokens of each text
     tasks: tuple[str, ...] = ()  # zero-shot tasks (piqa, hellaswag, ...)
     task_limit: int | None = 100  # zero-shot: the first N items of each task
-    finetune: bool = False  # reserved: a fine-tuning step between compress and evaluate (not built yet)
+    finetune_steps: int = 0  # distillation steps on the factors after compressing (0: none)
     label: str = ""  # free text shown in the history
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown run kind {self.kind!r}; choose one of {KINDS}")
-        if self.finetune:
-            raise ValueError("fine-tuning is not available in this build")
+        if (
+            isinstance(self.finetune_steps, bool)
+            or not isinstance(self.finetune_steps, int)
+            or self.finetune_steps < 0
+        ):
+            raise ValueError(f"finetune_steps must be a non-negative int, got {self.finetune_steps!r}")
         if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 1:
             raise ValueError(f"samples must be a positive int, got {self.samples!r}")
         for name in ("seq_len", "max_eval_tokens", "task_limit"):
@@ -108,7 +112,8 @@ def _cli() -> list[str]:
 
 
 def build_steps(spec: RunSpec, run_dir: Path) -> list[Step]:
-    """The CLI commands of a run, in order. A fine-tuning step would go between compress and zero-shot."""
+    """The CLI commands of a run, in order. Fine-tuning happens inside the compress command (it needs the
+    dense teacher in memory), before that command's perplexity; zero-shot reads the saved, final model."""
     model_args = ["--model", spec.model, "--device", spec.device, "--dtype", spec.dtype]
     max_tokens = [] if spec.max_eval_tokens is None else ["--max-eval-tokens", str(spec.max_eval_tokens)]
     limit = [] if spec.task_limit is None else ["--limit", str(spec.task_limit)]
@@ -124,6 +129,8 @@ def build_steps(spec: RunSpec, run_dir: Path) -> list[Step]:
         calibration += ["--seq-len", str(spec.seq_len)]
     argv = [*_cli(), "compress", *model_args, *calibration, "--plan", str(run_dir / "plan.json")]
     argv += ["--out", str(run_dir / "model")]
+    if spec.finetune_steps:
+        argv += ["--finetune-steps", str(spec.finetune_steps)]
     if spec.evaluation:
         argv += ["--eval", ",".join(spec.evaluation), *max_tokens]
     steps = [Step("compress", argv, "compress.json")]

@@ -7,14 +7,19 @@ from __future__ import annotations
 
 import resource
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 
 import torch
+from torch import nn
 
+from sigmascale_core.allocation import STRATEGIES, allocate
 from sigmascale_core.calibration import collect_stats, load_stats, save_stats, stats_cache_path, stats_key
+from sigmascale_core.finetune import distill, evaluate_distillation
 from sigmascale_core.models import LoadedModel, target_matrices, tokenizer_fingerprint
 from sigmascale_core.perplexity import perplexity
 from sigmascale_core.plan import CompressionPlan
+from sigmascale_core.probing import NESTED_METHODS, ProbeConfig, calibration_side_batch, probe
 from sigmascale_core.progress import Progress
 from sigmascale_core.stats import ActivationStats
 from sigmascale_core.surgery import compress, target_shapes
@@ -22,6 +27,7 @@ from sigmascale_core.text import calibration_batch, check_disjoint, evaluation_t
 
 DEFAULT_CALIBRATION_TEXT = "boolq:calibration"
 DEFAULT_EVALUATION_TEXTS = ("boolq:evaluation", "lambada")
+ALLOCATIONS = ("uniform", *STRATEGIES)  # uniform retention per matrix, or a budget spent by allocation.py
 
 
 @dataclass(frozen=True)
@@ -119,6 +125,95 @@ def uniform_plan(
     return CompressionPlan.uniform(
         target_shapes(loaded.model), retention, method, loaded.fingerprint, options
     )
+
+
+def probe_config_for(
+    method: str,
+    text: str = DEFAULT_CALIBRATION_TEXT,
+    evaluation: Sequence[str] = (),
+    proxy: bool = False,
+    probe_method: str | None = None,
+) -> ProbeConfig:
+    """The probe behind an allocated `method` plan, on the calibration `text` (other windows than the
+    statistics': ProbeConfig.seed). Unless `probe_method` says otherwise, the plan's own method where its
+    rank-k factors nest (one decomposition per matrix serves the whole grid), else svdllm (a learned
+    SigmaScale fit per grid point would cost 8 fits per matrix). The probing text is checked against
+    the default evaluation texts and `evaluation`."""
+    chosen = probe_method or (method if method in NESTED_METHODS else "svdllm")
+    texts = tuple(dict.fromkeys((*DEFAULT_EVALUATION_TEXTS, *evaluation)))
+    return ProbeConfig(text=text, method=chosen, proxy=proxy, evaluation=texts)
+
+
+def build_plan(
+    loaded: LoadedModel,
+    stats: dict[str, ActivationStats],
+    retention: float,
+    method: str,
+    options: dict | None = None,
+    allocation: str = "uniform",
+    probe_config: ProbeConfig | None = None,
+    calibration: tuple[str, int, int, int] | None = None,
+    progress: Progress | None = None,
+) -> tuple[CompressionPlan, dict]:
+    """The plan for a global parameter retention: the same retention for every matrix ("uniform"), or
+    that budget spent by allocation.allocate ("sensitivity": ASVD's binary search, "greedy": our
+    optimiser) on a sensitivity probe (cached under cache/probes). Returns (plan, info about the probe)."""
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"unknown allocation {allocation!r}; choose one of {ALLOCATIONS}")
+    template = uniform_plan(loaded, retention, method, options)
+    if allocation == "uniform":
+        return template, {}
+    config = probe_config or probe_config_for(method)
+    table, info = probe(loaded, stats, config, calibration=calibration, progress=progress)
+    return allocate(template, table, retention, allocation), {"probe": info}
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    steps: int = 100  # AdamW steps on the low-rank factors (finetune.distill)
+    lr: float = 1e-4  # peak learning rate: 10 % linear warm-up, cosine down to 10 %
+    temperature: float = 1.0  # distillation temperature T (the KL is scaled by T²)
+    ce_weight: float = 0.0  # share of next-token cross-entropy mixed into the loss
+    text: str = DEFAULT_CALIBRATION_TEXT  # calibration-side text; refused if it touches an evaluation text
+    samples: int = 64  # training sequences (cycled through when steps × batch_size exceeds them)
+    seq_len: int = 256  # tokens per sequence
+    batch_size: int = 4  # sequences per step
+    seed: int = 2  # which windows (calibration draws with seed 0, probing with 1)
+    held_out: int = 4  # further sequences, never trained on, for the before/after distillation loss
+
+
+def finetune(
+    loaded: LoadedModel,
+    teacher: nn.Module,
+    config: FinetuneConfig = FinetuneConfig(),
+    evaluation: Sequence[str] = (),
+    progress: Progress | None = None,
+) -> dict:
+    """Distil the dense `teacher` into the compressed `loaded.model` (only its factors train), on
+    calibration-side text checked against the default evaluation texts and `evaluation`. Returns the
+    distillation loss on held-out calibration-side windows before and after, and the run's record."""
+    if config.held_out < 1:
+        raise ValueError(f"held_out must be at least 1, got {config.held_out!r}")
+    texts = tuple(dict.fromkeys((*DEFAULT_EVALUATION_TEXTS, *evaluation)))
+    ids = calibration_side_batch(
+        loaded.tokenizer,
+        loaded.family,
+        config.text,
+        config.samples + config.held_out,
+        config.seq_len,
+        config.seed,
+        texts,
+        role="fine-tuning",
+    )
+    train = list(ids[: config.samples].split(config.batch_size))
+    held_out = list(ids[config.samples :].split(config.batch_size))
+    terms = {"temperature": config.temperature, "ce_weight": config.ce_weight}
+    before = evaluate_distillation(loaded.model, teacher, held_out, **terms)
+    result = distill(loaded.model, teacher, train, config.steps, lr=config.lr, progress=progress, **terms)
+    after = evaluate_distillation(loaded.model, teacher, held_out, **terms)
+    record = result.to_dict()
+    record.pop("history")
+    return {"config": asdict(config), "held_out_before": before, "held_out_after": after, **record}
 
 
 def check_texts(calibration: str | None, evaluation: list[str]) -> None:

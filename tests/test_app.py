@@ -301,8 +301,9 @@ def test_run_page_starts_a_run_and_shows_its_result(app, tiny):
     app.selectbox(key="plan_method").set_value("svd").run()
     open_page(app, "4_run")
     assert {"run_eval", "run_tasks"} <= {m.key for m in app.multiselect}
-    assert app.checkbox(key="run_finetune").disabled
     assert "The plan from **Ranks**: `svd`" in app.markdown[0].value
+    app.checkbox(key="run_finetune").check()
+    app.number_input(key="run_finetune_steps").set_value(2)
     app.button[0].click().run()  # Start run
     assert not app.exception and not app.error, [e.value for e in app.error]
     run_id = app.session_state["last_run"]
@@ -311,8 +312,10 @@ def test_run_page_starts_a_run_and_shows_its_result(app, tiny):
     app.run()
     history = app.dataframe[0].value
     row = history[history["run"] == run_id].iloc[0]
-    assert row["status"] == "done" and row["method"] == "svd"
-    assert row[f"ppl {tiny['defaults']['evaluation'][0]}"] > 1
+    assert row["status"] == "done" and row["method"] == "svd" and row["fine-tune steps"] == 2
+    text = tiny["defaults"]["evaluation"][0]
+    assert row[f"ppl {text}"] > 1 and row[f"ppl {text} before fine-tune"] > 1
+    assert record.report["finetune"]["steps"] == 2
     assert f"**{run_id}** — done" in " ".join(m.value for m in app.markdown)
     assert any(str(record.model_dir) in c.value for c in app.code)
 

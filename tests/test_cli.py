@@ -232,3 +232,150 @@ def test_sequential_compress(tiny_model_dir, tmp_path, capsys):
     assert json.loads(stdout)["calibration"]["sequential"] is True
     model, plan = load_compressed(out)
     assert sum(type(m).__name__ == "LowRankLinear" for m in model.modules()) == len(plan.compressed) == 14
+
+
+# -- allocation, probing and fine-tuning from the command line ---------------------------------------------
+def tiny_args(tiny_model_dir):
+    return ["--model", str(tiny_model_dir), "--device", "cpu", "--samples", "2", "--seq-len", "32"]
+
+
+@pytest.fixture
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SIGMASCALE_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_allocated_compress_meets_the_budget_and_beats_uniform_on_the_probe(
+    tiny_model_dir, tmp_path, capsys, private_cache
+):
+    from sigmascale_core.allocation import damage_curves, predicted_damage
+    from sigmascale_core.probing import SensitivityTable
+
+    table_path = tmp_path / "table.json"
+    code, stdout, err = run(
+        ["probe", *tiny_args(tiny_model_dir), "--probe", "proxy", "--out", str(table_path)], capsys
+    )
+    assert code == 0, err
+    assert json.loads(stdout)["probe"]["cached"] is False
+    table = SensitivityTable.load(table_path)
+    assert len(table.shapes) == 14 and table.metric == "relative_loss" and table.method == "svdllm"
+    reports = {}
+    for allocation in ("uniform", "greedy", "sensitivity"):
+        out = tmp_path / allocation
+        code, stdout, err = run(
+            [
+                "compress",
+                *tiny_args(tiny_model_dir),
+                "--method",
+                "svdllm",
+                "--retention",
+                "0.5",
+                "--allocation",
+                allocation,
+                "--probe",
+                "proxy",
+                "--out",
+                str(out),
+            ],
+            capsys,
+        )
+        assert code == 0, err
+        reports[allocation] = json.loads(stdout)
+        plan = CompressionPlan.load(out / "sigmascale_plan.json")
+        assert plan.allocation == allocation and plan.target_retention == 0.5
+        max_step = max(m + n for m, n in table.shapes.values())
+        params = sum(m.params_after for m in plan.matrices.values())
+        budget = 0.5 * sum(m.params_before for m in plan.matrices.values())
+        assert budget - max_step < params <= budget or allocation == "uniform"  # within one rank
+        ranks = {name: m.rank for name, m in plan.matrices.items()}
+        reports[allocation]["damage"] = predicted_damage(damage_curves(table), ranks)
+    assert reports["greedy"]["probe"]["cached"] is True  # the table from `sigmascale probe`
+    assert (
+        len(
+            {
+                m["rank"]
+                for m in json.loads((tmp_path / "greedy" / "sigmascale_plan.json").read_text())[
+                    "matrices"
+                ].values()
+            }
+        )
+        > 1
+    )
+    assert reports["greedy"]["damage"] <= reports["sensitivity"]["damage"] + 1e-12
+    assert reports["greedy"]["damage"] < reports["uniform"]["damage"]
+
+
+def test_perplexity_probe_refuses_evaluation_text(tiny_model_dir, tmp_path, capsys, private_cache):
+    text = tmp_path / "eval.txt"
+    text.write_text("The same words are evaluated and probed. " * 400)
+    args = ["probe", *tiny_args(tiny_model_dir), "--text", f"file:{text}", "--eval", f"file:{text}"]
+    code, _, err = run(args, capsys)
+    assert code == 2 and "both" in err
+    assert not (private_cache / "probes").exists()
+
+
+def test_finetune_lowers_the_held_out_distillation_loss(tiny_model_dir, tmp_path, capsys, private_cache):
+    out = tmp_path / "ft"
+    code, stdout, err = run(
+        [
+            "compress",
+            *tiny_args(tiny_model_dir),
+            "--method",
+            "svd",
+            "--retention",
+            "0.3",
+            "--finetune-steps",
+            "8",
+            "--finetune-lr",
+            "3e-3",
+            "--finetune-seq-len",
+            "32",
+            "--eval",
+            "boolq:evaluation",
+            "--max-eval-tokens",
+            "256",
+            "--out",
+            str(out),
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    report = json.loads(stdout)
+    ft = report["finetune"]
+    assert ft["steps"] == 8 and ft["trained_parameters"] > 0
+    assert ft["held_out_after"]["loss"] < ft["held_out_before"]["loss"]
+    assert "perplexity_before_finetune" in report
+    # the saved model is the fine-tuned one: its perplexity is the report's "after" figure
+    code, stdout, err = run(
+        [
+            "eval",
+            "--model",
+            str(out),
+            "--device",
+            "cpu",
+            "--text",
+            "boolq:evaluation",
+            "--max-eval-tokens",
+            "256",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    again = json.loads(stdout)["perplexity"]["boolq:evaluation"]["perplexity"]
+    assert again == pytest.approx(report["perplexity"]["boolq:evaluation"]["perplexity"], rel=1e-5)
+    assert again != pytest.approx(
+        report["perplexity_before_finetune"]["boolq:evaluation"]["perplexity"], rel=1e-6
+    )
+
+
+def test_allocation_and_plan_or_negative_steps_are_refused(capsys, tmp_path):
+    plan = tmp_path / "plan.json"
+    plan.write_text("{}")
+    code, _, err = run(
+        ["compress", "--plan", str(plan), "--allocation", "greedy", "--out", str(tmp_path / "o")], capsys
+    )
+    assert code == 2 and "--allocation" in err
+    code, _, err = run(
+        ["compress", "--retention", "0.5", "--finetune-steps", "-1", "--out", str(tmp_path / "o")], capsys
+    )
+    assert code == 2 and "--finetune-steps" in err

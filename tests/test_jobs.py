@@ -123,8 +123,12 @@ def test_steps_are_the_cli_commands(tmp_path):
     dense = jobs.build_steps(jobs.RunSpec(kind="dense", model="m", tasks=("piqa",)), tmp_path)
     argv = dense[0].argv
     assert argv[3] == "eval" and argv[argv.index("--tasks") + 1] == "ppl,piqa"
-    with pytest.raises(ValueError, match="fine-tuning"):
-        jobs.RunSpec(kind="compress", model="m", finetune=True)
+    assert "--finetune-steps" not in compress
+    tuned = jobs.build_steps(jobs.RunSpec(kind="compress", model="m", finetune_steps=7), tmp_path)[0].argv
+    assert tuned[tuned.index("--finetune-steps") + 1] == "7"
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="finetune_steps"):
+            jobs.RunSpec(kind="compress", model="m", finetune_steps=bad)
     with pytest.raises(ValueError, match="samples"):
         jobs.RunSpec(kind="compress", model="m", samples=0)
     with pytest.raises(ValueError, match="needs a plan"):
