@@ -1,11 +1,21 @@
-"""Whole-model table: dense and every method × retention on the bundled SmolLM2, perplexity on both
-evaluation texts, wall time per row. Produces the README's results table.
+"""Whole-model table on the bundled SmolLM2: dense first, then every retention × method × allocation
+(× fine-tune), each with its perplexity on both evaluation texts (and zero-shot accuracy with --tasks)
+and its wall time. Produces the README's results tables.
 
-    python bench/model_table.py --max-eval-tokens 8192 --out bench/results/model_table.json
+    # uniform retention, perplexity only (the model-pipeline table)
+    python bench/model_table.py --out bench/results/model_table.json
+    # uniform vs allocated ranks, with and without fine-tuning, zero-shot accuracy (the pipeline table)
+    python bench/model_table.py --retentions 0.9,0.75,0.5 --allocations uniform,greedy \
+        --finetune-steps 100 --tasks piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa \
+        --limit 200 --out bench/results/results_table.json
 
-Calibration (boolq:calibration, 32 × 512 tokens, seed 0) is computed once and shared (cached under
-cache/); each row compresses a fresh copy of the dense model. Evaluation texts are disjoint from the
-calibration text (checked).
+Calibration (boolq:calibration, 32 samples × 512 tokens on CPU / 2048 on GPU, seed 0) is computed
+once and shared (cached under cache/); allocated plans spend the uniform plan's parameter budget on a
+perplexity probe of calibration-side text (cached; svdllm's for sigmascale plans, see
+pipeline.probe_config_for); a fine-tuned row continues from the row above it (same compressed model,
+then distilled). Each (retention, method, allocation) compresses a fresh copy of the dense model.
+Evaluation texts are disjoint from calibration, probing and fine-tuning text (checked). The JSON is
+rewritten after every row; `--deadline` stops starting rows after that many seconds.
 """
 
 from __future__ import annotations
@@ -16,29 +26,43 @@ import json
 import time
 from pathlib import Path
 
+from sigmascale_core.artifacts import write_json_atomic
 from sigmascale_core.methods import METHODS
 from sigmascale_core.models import load_model
 from sigmascale_core.pipeline import (
+    ALLOCATIONS,
     DEFAULT_EVALUATION_TEXTS,
     CalibrationConfig,
+    FinetuneConfig,
+    build_plan,
     calibrate,
     check_texts,
+    default_device,
     evaluate_perplexity,
+    finetune,
     parameter_count,
     peak_memory,
-    uniform_plan,
+    probe_config_for,
 )
 from sigmascale_core.surgery import compress
 
 
-def markdown(rows: list[dict], texts: list[str]) -> str:
-    head = "| method | retention | " + " | ".join(f"ppl {t}" for t in texts) + " | compress s | row s |"
+def markdown(rows: list[dict], texts: list[str], tasks: list[str]) -> str:
+    head = "| method | retention | allocation | fine-tune | " + " | ".join(f"ppl {t}" for t in texts)
+    head += "".join(f" | {t}" for t in tasks) + (" | mean acc" if tasks else "") + " | row s |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for row in rows:
-        ppl = " | ".join(f"{row['perplexity'][t]['perplexity']:.2f}" for t in texts)
+        cells = [f"{row['perplexity'][t]['perplexity']:.2f}" for t in texts]
+        zero = row.get("zero_shot", {})
+        cells += [f"{100 * zero['tasks'][t]['acc']:.1f}" for t in tasks]
+        cells += [f"{100 * zero['mean_acc']:.1f}"] if tasks else []
+        retention = f"{row['retention']:g}" + (
+            f" ({row['parameter_retention']:.3f})" if "parameter_retention" in row else ""
+        )
         lines.append(
-            f"| {row['method']} | {row['retention']} | {ppl} | {row.get('compress_seconds', 0):.1f} | "
-            f"{row['seconds']:.1f} |"
+            f"| {row['method']} | {retention} | {row.get('allocation', '—')} | {row.get('finetune_steps', 0)} | "
+            + " | ".join(cells)
+            + f" | {row['seconds']:.0f} |"
         )
     return "\n".join(lines)
 
@@ -47,57 +71,104 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--device", default=default_device())
     parser.add_argument("--retentions", default="0.95,0.9,0.75,0.5")
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--allocations", default="uniform", help=f"comma-separated, of {ALLOCATIONS}")
+    parser.add_argument("--probe", choices=("perplexity", "proxy"), default="perplexity")
+    parser.add_argument("--finetune-steps", type=int, default=0, help="also a fine-tuned row (0: none)")
     parser.add_argument("--texts", default=",".join(DEFAULT_EVALUATION_TEXTS))
     parser.add_argument("--max-eval-tokens", type=int, default=8192, help="tokens scored per text")
+    parser.add_argument("--tasks", default="", help="zero-shot tasks, comma-separated (default: none)")
+    parser.add_argument("--limit", type=int, default=None, help="zero-shot: the first N items per task")
+    parser.add_argument("--deadline", type=float, default=None, help="start no row after this many s")
     parser.add_argument("--out", type=Path, default=Path("bench/results/model_table.json"))
     parser.add_argument("--no-dense", action="store_true", help="skip the dense row (resuming a table)")
     args = parser.parse_args()
-    texts = args.texts.split(",")
+    texts, tasks = args.texts.split(","), [t for t in args.tasks.split(",") if t]
+    allocations = args.allocations.split(",")
     config = CalibrationConfig()
     check_texts(config.text, texts)
-    loaded = load_model()
+    began = time.perf_counter()
+    loaded = load_model(device=args.device)
     dense = loaded.model
     start = time.perf_counter()
     stats, calibration = calibrate(loaded, config)
     calibration["seconds"] = time.perf_counter() - start
     print(
-        f"calibration: {calibration['tokens']} tokens, {calibration['seconds']:.1f}s (cached={calibration['cached']})"
+        f"device {args.device}: calibration {calibration['tokens']} tokens, {calibration['seconds']:.1f}s "
+        f"(cached={calibration['cached']})",
+        flush=True,
     )
-    rows = []
-    if not args.no_dense:
-        start = time.perf_counter()
-        ppl = evaluate_perplexity(loaded, texts, max_tokens=args.max_eval_tokens)
-        rows.append(
-            {"method": "dense", "retention": 1.0, "perplexity": ppl, "seconds": time.perf_counter() - start}
+    windows = (config.text, config.samples, int(calibration["seq_len"]), config.seed)
+    rows: list[dict] = []
+    skipped: list[str] = []
+
+    def evaluate(row: dict) -> dict:
+        row["perplexity"] = evaluate_perplexity(loaded, texts, max_tokens=args.max_eval_tokens)
+        if tasks:
+            from sigmascale_core.zeroshot import evaluate_tasks
+
+            zero = evaluate_tasks(loaded.model, loaded.tokenizer, tasks, limit=args.limit)
+            for task in zero["tasks"].values():
+                task.pop("items", None)
+            row["zero_shot"] = zero
+        return row
+
+    def record(row: dict, started: float) -> None:
+        row["seconds"] = time.perf_counter() - started
+        rows.append(row)
+        print(markdown(rows[-1:], texts, tasks).splitlines()[-1], flush=True)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(
+            {
+                "args": {k: str(v) for k, v in vars(args).items()},
+                "calibration": calibration,
+                "rows": rows,
+                "skipped": skipped,
+                **peak_memory(),
+            },
+            args.out,
         )
-        print(markdown(rows, texts), flush=True)
+
+    if not args.no_dense:
+        started = time.perf_counter()
+        record(evaluate({"method": "dense", "retention": 1.0}), started)
     total = parameter_count(dense)
     for retention in map(float, args.retentions.split(",")):
         for method in args.methods.split(","):
-            start = time.perf_counter()
-            loaded.model = copy.deepcopy(dense)
-            plan = uniform_plan(loaded, retention, method)
-            compress(loaded.model, plan, stats)
-            compress_seconds = time.perf_counter() - start
-            row = {
-                "method": method,
-                "retention": retention,
-                "parameter_retention": plan.parameter_retention(),
-                "model_retention": plan.model_retention(total),
-                "compress_seconds": compress_seconds,
-                "perplexity": evaluate_perplexity(loaded, texts, max_tokens=args.max_eval_tokens),
-            }
-            row["seconds"] = time.perf_counter() - start
-            rows.append(row)
-            print(markdown(rows[-1:], texts).splitlines()[-1], flush=True)
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(
-                json.dumps({"calibration": calibration, "rows": rows, **peak_memory()}, indent=2)
-            )
-    print(markdown(rows, texts))
-    print(json.dumps(peak_memory()))
+            for allocation in allocations:
+                what = f"{method} {retention} {allocation}"
+                if args.deadline is not None and time.perf_counter() - began > args.deadline:
+                    skipped.append(what)
+                    print(f"skipped (deadline): {what}", flush=True)
+                    continue
+                started = time.perf_counter()
+                loaded.model = copy.deepcopy(dense)
+                probe_config = probe_config_for(method, config.text, texts, args.probe == "proxy")
+                plan, planning = build_plan(
+                    loaded, stats, retention, method, None, allocation, probe_config, windows
+                )
+                compress(loaded.model, plan, stats)
+                row = {
+                    "method": method,
+                    "retention": retention,
+                    "allocation": allocation,
+                    "finetune_steps": 0,
+                    "parameter_retention": plan.parameter_retention(),
+                    "model_retention": plan.model_retention(total),
+                    "probe_seconds": planning.get("probe", {}).get("seconds"),
+                    "compress_seconds": time.perf_counter() - started,
+                }
+                record(evaluate(row), started)
+                if args.finetune_steps:
+                    started = time.perf_counter()
+                    tuned = {**row, "finetune_steps": args.finetune_steps}
+                    ft = FinetuneConfig(steps=args.finetune_steps, text=config.text)
+                    tuned["finetune"] = finetune(loaded, dense, ft, texts)
+                    record(evaluate(tuned), started)
+    print(markdown(rows, texts, tasks))
+    print(json.dumps({"seconds": time.perf_counter() - began, **peak_memory()}))
 
 
 if __name__ == "__main__":

@@ -75,6 +75,14 @@ def tiny_model_dir(tmp_path_factory):
     return directory
 
 
+def reloaded_perplexity(out, capsys) -> float:
+    """`sigmascale eval` of a saved output folder: perplexity on the first 256 tokens of boolq:evaluation."""
+    args = ["eval", "--model", str(out), "--device", "cpu", "--text", "boolq:evaluation"]
+    code, stdout, err = run([*args, "--max-eval-tokens", "256"], capsys)
+    assert code == 0, err
+    return json.loads(stdout)["perplexity"]["boolq:evaluation"]["perplexity"]
+
+
 def test_compress_then_eval_round_trip(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "compressed"
     args = ["--model", str(tiny_model_dir), "--device", "cpu", "--samples", "2", "--seq-len", "32"]
@@ -102,22 +110,7 @@ def test_compress_then_eval_round_trip(tiny_model_dir, tmp_path, capsys):
         CompressionPlan.load(out / "sigmascale_plan.json").parameter_retention()
     )
     assert report["perplexity"]["boolq:evaluation"]["tokens"] == 255
-    code, stdout, err = run(
-        [
-            "eval",
-            "--model",
-            str(out),
-            "--device",
-            "cpu",
-            "--text",
-            "boolq:evaluation",
-            "--max-eval-tokens",
-            "256",
-        ],
-        capsys,
-    )
-    assert code == 0, err
-    again = json.loads(stdout)["perplexity"]["boolq:evaluation"]["perplexity"]
+    again = reloaded_perplexity(out, capsys)
     assert again == pytest.approx(report["perplexity"]["boolq:evaluation"]["perplexity"], rel=1e-5)
     model, _ = load_compressed(out)
     assert (
@@ -346,22 +339,7 @@ def test_finetune_lowers_the_held_out_distillation_loss(tiny_model_dir, tmp_path
     assert ft["held_out_after"]["loss"] < ft["held_out_before"]["loss"]
     assert "perplexity_before_finetune" in report
     # the saved model is the fine-tuned one: its perplexity is the report's "after" figure
-    code, stdout, err = run(
-        [
-            "eval",
-            "--model",
-            str(out),
-            "--device",
-            "cpu",
-            "--text",
-            "boolq:evaluation",
-            "--max-eval-tokens",
-            "256",
-        ],
-        capsys,
-    )
-    assert code == 0, err
-    again = json.loads(stdout)["perplexity"]["boolq:evaluation"]["perplexity"]
+    again = reloaded_perplexity(out, capsys)
     assert again == pytest.approx(report["perplexity"]["boolq:evaluation"]["perplexity"], rel=1e-5)
     assert again != pytest.approx(
         report["perplexity_before_finetune"]["boolq:evaluation"]["perplexity"], rel=1e-6
