@@ -23,7 +23,9 @@ def test_low_precision_inputs_are_summed_in_float64(dtype):
     ref = x.double()
     assert stats.gram.dtype == stats.abs_sum.dtype == torch.float64
     # float32 chunk products: ~√2048·ε relative error per entry, far below what the losses notice
-    torch.testing.assert_close(stats.gram, ref.T @ ref, rtol=1e-5, atol=1e-5 * ref.square().sum(0).max().item())
+    torch.testing.assert_close(
+        stats.gram, ref.T @ ref, rtol=1e-5, atol=1e-5 * ref.square().sum(0).max().item()
+    )
     torch.testing.assert_close(stats.abs_mean, ref.abs().mean(0), rtol=1e-6, atol=0)
 
 
