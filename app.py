@@ -9,7 +9,9 @@ import streamlit as st
 st.set_page_config(page_title="SigmaScale", page_icon=":material/compress:", layout="wide")
 
 PAGES = [
-    st.Page("pages/1_model.py", title="Model & data", icon=":material/database:", url_path="model", default=True),
+    st.Page(
+        "pages/1_model.py", title="Model & data", icon=":material/database:", url_path="model", default=True
+    ),
     st.Page("pages/2_spectra.py", title="Spectra", icon=":material/show_chart:", url_path="spectra"),
     st.Page("pages/3_ranks.py", title="Ranks", icon=":material/tune:", url_path="ranks"),
     st.Page("pages/4_run.py", title="Run", icon=":material/rocket_launch:", url_path="run"),

@@ -181,6 +181,13 @@ def page(server, tmp_path_factory):
             context.close()
 
 
+def settle(page) -> None:
+    """Wait until the app's script run is over (Streamlit's "Running…" widget gone): the next click must
+    not interrupt a rerun, or a busy machine replays widget states in another order than a user's."""
+    page.wait_for_timeout(300)
+    expect(page.get_by_test_id("stStatusWidget")).to_have_count(0, timeout=60_000)
+
+
 def shot(page, name: str) -> None:
     page.screenshot(path=ARTIFACTS / f"{name}.png", full_page=True)
 
@@ -219,19 +226,23 @@ def test_every_page_then_an_edit_then_a_run(server, page):
     box = grid.bounding_box()
     page.mouse.click(box["x"] + 130, box["y"] + 52)  # header row ≈ 35 px; first data column after the index
     page.wait_for_timeout(500)
-    page.keyboard.press("Enter")
-    page.wait_for_timeout(500)
-    page.keyboard.press("Control+A")
-    page.keyboard.type("0.2", delay=50)
-    page.keyboard.press("Enter")
+    page.keyboard.press("Enter")  # opens the cell's overlay editor (glide-data-grid's portal)
+    cell_editor = page.locator("#portal input, #portal textarea").first
+    cell_editor.wait_for(timeout=30_000)
+    cell_editor.fill("0.2")  # replaces the text at once: no keystrokes to lose on a busy machine
+    expect(cell_editor).to_have_value("0.2")
+    cell_editor.press("Enter")
     expected = f"{server['q_at_0.2']:.2%}"
     expect(retention).to_have_text(expected, timeout=20_000)
+    settle(page)
     shot(page, "3_ranks_edited")
     # a preset changes it again: uniform at the slider's retention
     page.locator('[data-testid="stSelectbox"]').filter(has_text="Method").click()
     page.get_by_role("option", name="svd", exact=True).click()
+    settle(page)
     page.get_by_role("button", name="Uniform preset").click()
     expect(retention).to_have_text("73.75%", timeout=20_000)
+    settle(page)
     page.get_by_role("button", name="Undo").click()
     expect(retention).to_have_text(expected, timeout=20_000)
     shot(page, "3_ranks_after")
