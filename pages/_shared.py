@@ -101,7 +101,7 @@ def _load_model(source: str, device: str, dtype: str):
     return load_model(source, device=device, dtype=dtypes[dtype])
 
 
-@st.cache_resource(max_entries=8, show_spinner=False)
+@st.cache_resource(max_entries=32, show_spinner=False)
 def _box(*key: str) -> dict:
     """A per-key mutable holder (with a lock) for things computed once and shared across sessions."""
     return {"lock": threading.Lock()}
@@ -156,13 +156,20 @@ def stats(loaded, calibration, label: str):
 
 
 def spectra_key(loaded, cfg: AppConfig):
+    """The SpectraKey of the config, computed once per model and calibration choice: hashing the
+    tokenizer (inside calibration_key) costs ~0.1 s, too much for every rerun of an edit."""
     from sigmascale_core.spectra import SpectraKey, calibration_key
 
-    facts = model_facts(loaded)  # warms the tokenizer fingerprint once
-    del facts
-    return SpectraKey.build(
-        loaded.fingerprint, calibration_key(loaded, cfg.calibration()), calibration_key(loaded, cfg.heldout())
-    )
+    configs = json.dumps([asdict(cfg.calibration()), asdict(cfg.heldout())], sort_keys=True)
+    box = _box("spectra_key", loaded.fingerprint, loaded.source, configs)
+    with box["lock"]:
+        if "key" not in box:
+            box["key"] = SpectraKey.build(
+                loaded.fingerprint,
+                calibration_key(loaded, cfg.calibration()),
+                calibration_key(loaded, cfg.heldout()),
+            )
+    return box["key"]
 
 
 def check_texts(cfg: AppConfig) -> None:
