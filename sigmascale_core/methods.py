@@ -10,12 +10,13 @@ diagonal, SVD-LLM's lower-triangular whitening factor L (gram = L·Lᵀ), or abs
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from sigmascale_core.metrics import check_matrix, check_rank, check_stats, gram_error
-from sigmascale_core.spectral import gram_eigh, rank_truncation, singular_values, truncated_svd
+from sigmascale_core.spectral import gram_eigh, singular_values, tail_projector, truncated_svd
 from sigmascale_core.stats import ActivationStats
 
 METHODS = ("svd", "asvd", "svdllm", "sigmascale")
@@ -26,7 +27,7 @@ METHOD_OPTIONS: dict[str, dict[str, object]] = {
     "asvd": {"alpha": 0.5},  # column scale = abs_mean ** alpha
     "svdllm": {},
     "sigmascale": {
-        "steps": 40,  # Adam steps on (r, c)
+        "steps": 20,  # Adam steps on (r, c)
         "lr": 0.05,  # Adam learning rate, in log-scale units
         "init": "asvd",  # "identity" (r = c = 0, as the paper) or "asvd" (c = alpha·log abs_mean)
         "alpha": 0.5,  # ASVD exponent used by init="asvd"
@@ -245,7 +246,7 @@ def learn_scaling(
     gram: torch.Tensor,
     abs_mean: torch.Tensor,
     rank: int,
-    steps: int = 40,
+    steps: int = 20,
     lr: float = 0.05,
     init: str = "asvd",
     alpha: float = 0.5,
@@ -264,13 +265,48 @@ def learn_scaling(
     _check_sigmascale_options(steps, lr, init, l2, init_noise)
     with torch.inference_mode(False), torch.enable_grad():  # callable from under no_grad/inference_mode
         start, best = _adam_on_scales(W, gram, abs_mean, rank, steps, lr, init, alpha, l2, seed, init_noise)
-    candidates = [Scaling(row=best[0].double().exp(), col=best[1].double().exp())]
     if best is not start:
-        candidates.append(Scaling(row=start[0].double().exp(), col=start[1].double().exp()))
-    if len(candidates) == 1:
-        return candidates[0]
-    W64, gram64 = W.to(torch.float64), gram.to(torch.float64)
-    return min(candidates, key=lambda s: _exact_loss(W64, gram64, s, rank))
+        exact = truncation_loss(W.to(torch.float64), gram.to(torch.float64), rank)
+        best = min((best, start), key=lambda rc: float(exact(rc[0].double(), rc[1].double())))
+    return Scaling(row=best[0].double().exp(), col=best[1].double().exp())
+
+
+def truncation_loss(
+    W: torch.Tensor, gram: torch.Tensor, rank: int
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """loss(r, c) = ‖(W − W′)X‖²/‖WX‖² of the rank-k scaled truncation, differentiable in the log-scales.
+
+    W′ = diag(e⁻ʳ)·T_k(diag(eʳ) W diag(eᶜ))·diag(e⁻ᶜ) depends on the scaled matrix only through its
+    kept subspace on W's smaller side, so the loss lives there. With P the projector onto the dropped
+    part of that subspace (eigenvectors of S) and D_r = diag(eʳ), D_c = diag(eᶜ), G the Gram:
+      m ≥ n:  tr(P·A·P·B),  S = D_c Wᵀ D_r² W D_c,  A = D_c WᵀW D_c,  B = D_c⁻¹ G D_c⁻¹;
+      m < n:  tr(P·A·P·B),  S = D_r W D_c² Wᵀ D_r,  A = D_r W G Wᵀ D_r,  B = D_r⁻².
+    One product of W's size per call (S) and the rest in min(m, n)³, where the explicit
+    ‖(W − W′)X‖² costs several m·n·min(m, n) products forward and backward.
+    """
+    m, n = W.shape
+    reference = gram_error(W, gram)
+    if m >= n:
+        WtW = W.mT @ W
+
+        def loss(r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+            col = c.exp()
+            S = col[:, None] * (W.mT @ ((2 * r).exp()[:, None] * W)) * col
+            P = tail_projector(S, rank)
+            A = col[:, None] * WtW * col
+            return ((P @ A @ P) * (gram / col[:, None] / col)).sum() / reference
+
+    else:
+        WGWt = W @ gram @ W.mT
+
+        def loss(r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+            row = r.exp()
+            S = row[:, None] * ((W * (2 * c).exp()) @ W.mT) * row
+            P = tail_projector(S, rank)
+            A = row[:, None] * WGWt * row
+            return (((P @ A) * P).sum(1) * (-2 * r).exp()).sum() / reference  # B diagonal
+
+    return loss
 
 
 def _adam_on_scales(
@@ -291,7 +327,7 @@ def _adam_on_scales(
     W32 = W.to(torch.float32).clone()
     gram32 = gram.to(torch.float32).clone()
     gram32 /= gram32.diagonal().mean().clamp_min(torch.finfo(torch.float32).tiny)  # keep fp32 sums tame
-    reference = gram_error(W32, gram32)
+    loss_of = truncation_loss(W32, gram32, rank)
     r = torch.zeros(m, dtype=torch.float32, device=W.device)
     c = torch.zeros(n, dtype=torch.float32, device=W.device)
     if init == "asvd":
@@ -305,9 +341,7 @@ def _adam_on_scales(
     optimizer = torch.optim.Adam([r, c], lr=lr)
     best, best_loss = start, math.inf
     for step in range(steps + 1):  # pass `steps` only measures the last iterate
-        row, col = r.exp(), c.exp()
-        approx = rank_truncation(row[:, None] * W32 * col, rank) / row[:, None] / col
-        loss = gram_error(W32 - approx, gram32) / reference
+        loss = loss_of(r, c)
         if loss.item() < best_loss:
             best_loss = loss.item()
             best = start if step == 0 else (r.detach().clone(), c.detach().clone())
@@ -321,11 +355,6 @@ def _adam_on_scales(
             r.copy_(r_fixed)
             c.copy_(c_fixed)
     return start, best
-
-
-def _exact_loss(W64: torch.Tensor, gram64: torch.Tensor, scaling: Scaling, rank: int) -> float:
-    left, right, _ = _truncate(W64, scaling, rank)
-    return float(gram_error(W64 - left @ right, gram64))
 
 
 def _fix_gauge(r: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

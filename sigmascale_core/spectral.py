@@ -1,10 +1,10 @@
-"""Truncated SVD through the eigendecomposition of the smaller Gram WᵀW, with an exact, stable gradient.
+"""Truncated SVD through the eigendecomposition of the smaller Gram XᵀX, with an exact, stable gradient.
 
 Why not torch.linalg.svd: `eigh` of the min(m,n)² Gram is 3–4× faster on CPU, and the best rank-k
 approximation T_k(X) = X·V_k·V_kᵀ depends only on the *subspace* of the top k singular vectors, so its
-derivative needs no left vectors and couples kept with dropped directions only. torch's SVD backward
-divides by σᵢ²−σⱼ² for every pair and turns NaN on any repeated singular value; this one divides only
-across the cut, by λ_kept − λ_dropped.
+derivative needs no singular vectors beyond that subspace's projector and couples kept with dropped
+directions only. torch's SVD backward divides by σᵢ²−σⱼ² for every pair and turns NaN on any repeated
+singular value; `tail_projector`'s divides only across the cut, by λ_kept − λ_dropped.
 """
 
 from __future__ import annotations
@@ -40,38 +40,38 @@ def truncated_svd(X: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tenso
     return left, right, sigma
 
 
-class _RankTruncation(torch.autograd.Function):
-    """T_k(X) = X·V_k·V_kᵀ, the best rank-k approximation of X (m ≥ n)."""
+class _TailProjector(torch.autograd.Function):
+    """P = V_D·V_Dᵀ, the projector onto all but the top-k eigenvectors of a symmetric S."""
 
     @staticmethod
-    def forward(ctx, X: torch.Tensor, rank: int) -> torch.Tensor:
-        eigenvalues, V = gram_eigh(X)
-        V_k = V[:, :rank]
-        ctx.save_for_backward(X, eigenvalues, V)
+    def forward(ctx, S: torch.Tensor, rank: int) -> torch.Tensor:
+        eigenvalues, V = torch.linalg.eigh(S)
+        eigenvalues, V = eigenvalues.flip(-1), V.flip(-1)  # descending
+        V_dropped = V[:, rank:]
+        ctx.save_for_backward(eigenvalues, V)
         ctx.rank = rank
-        return (X @ V_k) @ V_k.mT
+        return V_dropped @ V_dropped.mT
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        # With H = Vᵀ Xᵀ Ḡ V and λ = σ², the adjoint of the differential of T_k is
-        #   X̄ = Ḡ V_k V_kᵀ + X V F Vᵀ,  F_ij = (H_ij + H_ji) / (λ_kept − λ_dropped) when exactly one of
-        #   i, j is kept, else 0. (Derived from the first-order perturbation of the top-k subspace.)
-        X, eigenvalues, V = ctx.saved_tensors
+        # First-order perturbation of the top-k eigenspace: with H = Vᵀ dS V, the kept/dropped block of
+        # Vᵀ dP V is −H_ij / (λ_i − λ_j) (i kept, j dropped), mirrored; every other block is 0. Its
+        # adjoint: S̄ = −(V_K C V_Dᵀ + V_D Cᵀ V_Kᵀ), C = V_Kᵀ sym(P̄) V_D / (λ_K − λ_D).
+        eigenvalues, V = ctx.saved_tensors
         k = ctx.rank
-        V_k = V[:, :k]
-        XV = X @ V  # (m, n)
-        H = XV.mT @ (grad @ V)  # (n, n)
+        V_kept, V_dropped = V[:, :k], V[:, k:]
+        symmetric = (grad + grad.mT) / 2
         gap = eigenvalues[:k, None] - eigenvalues[None, k:]  # (k, n−k), ≥ 0
-        floor = torch.finfo(X.dtype).eps * eigenvalues[0].clamp_min(torch.finfo(X.dtype).tiny)
-        cross = (H[:k, k:] + H[k:, :k].mT) / gap.clamp_min(floor)
-        F = torch.zeros_like(H)
-        F[:k, k:] = cross
-        F[k:, :k] = cross.mT
-        return (grad @ V_k) @ V_k.mT + XV @ (F @ V.mT), None
+        floor = torch.finfo(V.dtype).eps * eigenvalues[0].abs().clamp_min(torch.finfo(V.dtype).tiny)
+        C = (V_kept.mT @ symmetric @ V_dropped) / gap.clamp_min(floor)
+        half = (V_kept @ C) @ V_dropped.mT
+        return -(half + half.mT), None
 
 
-def rank_truncation(X: torch.Tensor, rank: int) -> torch.Tensor:
-    """Best rank-k approximation of X (any shape), differentiable with the stable gradient above."""
-    if X.shape[0] < X.shape[1]:
-        return _RankTruncation.apply(X.mT, rank).mT
-    return _RankTruncation.apply(X, rank)
+def tail_projector(S: torch.Tensor, rank: int) -> torch.Tensor:
+    """Projector onto the span of all but the top-`rank` eigenvectors of the symmetric matrix S.
+
+    For S = XᵀX this is I − V_k V_kᵀ, the part of X's row space that a rank-k truncation drops. The
+    gradient divides only across the cut, so repeated eigenvalues on one side of it are harmless.
+    """
+    return _TailProjector.apply(S, rank)

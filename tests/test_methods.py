@@ -4,7 +4,7 @@ from conftest import anisotropic_inputs, decaying_matrix
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sigmascale_core.methods import METHODS, decompose, loss_curve
+from sigmascale_core.methods import METHODS, decompose, loss_curve, truncation_loss
 from sigmascale_core.metrics import activation_loss
 from sigmascale_core.stats import ActivationStats
 
@@ -25,6 +25,23 @@ def whitened_tail_reference(W, X, k) -> float:
     L = torch.linalg.cholesky(X.T @ X)
     sigma = torch.linalg.svdvals(W.to(torch.float64) @ L)
     return (sigma[k:].square().sum() / (W.to(torch.float64) @ X.T).square().sum()).item()
+
+
+@pytest.mark.parametrize(("m", "n", "k"), [(12, 7, 3), (7, 12, 3), (8, 8, 5)])
+def test_truncation_loss_equals_the_explicit_scaled_truncation(m, n, k):
+    # Reference: W′ = D_r⁻¹·T_k(D_r W D_c)·D_c⁻¹ with torch's SVD, loss from raw X, all float64.
+    g = torch.Generator().manual_seed(m * 10 + n)
+    W = torch.randn(m, n, generator=g, dtype=torch.float64)
+    X = torch.randn(50, n, generator=g, dtype=torch.float64) * torch.linspace(0.2, 3.0, n, dtype=torch.float64)
+    r = 0.5 * torch.randn(m, generator=g, dtype=torch.float64)
+    c = 0.5 * torch.randn(n, generator=g, dtype=torch.float64)
+    U, S, Vh = torch.linalg.svd(r.exp()[:, None] * W * c.exp(), full_matrices=False)
+    W_hat = ((U[:, :k] * S[:k]) @ Vh[:k]) / r.exp()[:, None] / c.exp()
+    explicit = ((W - W_hat) @ X.T).square().sum() / (W @ X.T).square().sum()
+    loss = truncation_loss(W, X.T @ X, k)
+    assert loss(r, c).item() == pytest.approx(explicit.item(), rel=1e-10)
+    rc = (r.clone().requires_grad_(True), c.clone().requires_grad_(True))
+    assert torch.autograd.gradcheck(loss, rc)
 
 
 @settings(max_examples=20, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
