@@ -32,7 +32,9 @@ def test_truncation_loss_equals_the_explicit_scaled_truncation(m, n, k):
     # Reference: W′ = D_r⁻¹·T_k(D_r W D_c)·D_c⁻¹ with torch's SVD, loss from raw X, all float64.
     g = torch.Generator().manual_seed(m * 10 + n)
     W = torch.randn(m, n, generator=g, dtype=torch.float64)
-    X = torch.randn(50, n, generator=g, dtype=torch.float64) * torch.linspace(0.2, 3.0, n, dtype=torch.float64)
+    X = torch.randn(50, n, generator=g, dtype=torch.float64) * torch.linspace(
+        0.2, 3.0, n, dtype=torch.float64
+    )
     r = 0.5 * torch.randn(m, generator=g, dtype=torch.float64)
     c = 0.5 * torch.randn(n, generator=g, dtype=torch.float64)
     U, S, Vh = torch.linalg.svd(r.exp()[:, None] * W * c.exp(), full_matrices=False)
