@@ -44,6 +44,7 @@ from sigmascale_core.pipeline import (
     peak_memory,
     probe_config_for,
 )
+from sigmascale_core.progress import tqdm_progress
 from sigmascale_core.surgery import compress
 
 
@@ -147,9 +148,17 @@ def main() -> None:
                 loaded.model = copy.deepcopy(dense)
                 probe_config = probe_config_for(method, config.text, texts, args.probe == "proxy")
                 plan, planning = build_plan(
-                    loaded, stats, retention, method, None, allocation, probe_config, windows
+                    loaded,
+                    stats,
+                    retention,
+                    method,
+                    None,
+                    allocation,
+                    probe_config,
+                    windows,
+                    tqdm_progress("probe"),
                 )
-                compress(loaded.model, plan, stats)
+                compress(loaded.model, plan, stats, progress=tqdm_progress("compress"))
                 row = {
                     "method": method,
                     "retention": retention,
@@ -165,7 +174,7 @@ def main() -> None:
                     started = time.perf_counter()
                     tuned = {**row, "finetune_steps": args.finetune_steps}
                     ft = FinetuneConfig(steps=args.finetune_steps, text=config.text)
-                    tuned["finetune"] = finetune(loaded, dense, ft, texts)
+                    tuned["finetune"] = finetune(loaded, dense, ft, texts, tqdm_progress("finetune"))
                     record(evaluate(tuned), started)
     print(markdown(rows, texts, tasks))
     print(json.dumps({"seconds": time.perf_counter() - began, **peak_memory()}))

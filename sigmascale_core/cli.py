@@ -23,33 +23,11 @@ from sigmascale_core.metrics import (
     participation_ratio,
     rank_for_retention,
 )
+from sigmascale_core.progress import tqdm_progress
 from sigmascale_core.stats import ActivationStats
 
 # --------------------------------------------------------------------------------------------------
 # helpers
-
-
-def _progress(desc: str):
-    """A tqdm-backed (done, total, what) callback, drawn on stderr."""
-    from tqdm import tqdm
-
-    bars: dict[str, tqdm] = {}
-
-    def update(done: int, total: int, what: str) -> None:
-        label = what if what in ("calibration", "perplexity") else desc
-        bar = bars.get(label)
-        if bar is None or bar.total != total:
-            if bar is not None:
-                bar.close()
-            bar = bars[label] = tqdm(total=total, desc=label, leave=False, file=sys.stderr)
-        bar.n = done
-        bar.set_postfix_str(what if label == desc else "", refresh=False)
-        bar.refresh()
-        if done == total:
-            bar.close()
-            del bars[label]
-
-    return update
 
 
 def _parse_options(pairs: list[str], method: str) -> dict[str, object]:
@@ -135,7 +113,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     from sigmascale_core.pipeline import calibrate
 
     loaded = _load(args)
-    stats, info = calibrate(loaded, _calibration_config(args), progress=_progress("calibration"))
+    stats, info = calibrate(loaded, _calibration_config(args), progress=tqdm_progress("calibration"))
     info["groups"] = len(stats)
     _write_json(info, args.report)
 
@@ -158,9 +136,9 @@ def cmd_probe(args: argparse.Namespace) -> None:
     evaluation = [t for t in args.eval.split(",") if t]
     config = _probe_config(args, args.probe_method or "svdllm", evaluation)
     loaded = _load(args)
-    stats, info = calibrate(loaded, _calibration_config(args), progress=_progress("calibration"))
+    stats, info = calibrate(loaded, _calibration_config(args), progress=tqdm_progress("calibration"))
     table, probe_info = probe(
-        loaded, stats, config, calibration=_calibration_windows(args, info), progress=_progress("probe")
+        loaded, stats, config, calibration=_calibration_windows(args, info), progress=tqdm_progress("probe")
     )
     if args.out is not None:
         table.save(args.out)
@@ -200,7 +178,9 @@ def cmd_compress(args: argparse.Namespace) -> None:
     teacher = copy.deepcopy(loaded.model) if args.finetune_steps else None
     stats, calibration, planning = None, None, {}
     if not args.sequential or args.allocation != "uniform":  # the probe reads the dense model's stats
-        stats, calibration = calibrate(loaded, _calibration_config(args), progress=_progress("calibration"))
+        stats, calibration = calibrate(
+            loaded, _calibration_config(args), progress=tqdm_progress("calibration")
+        )
     if args.plan:
         plan = CompressionPlan.load(args.plan)
         check_plan_matches(loaded.model, plan, loaded.fingerprint)
@@ -216,15 +196,15 @@ def cmd_compress(args: argparse.Namespace) -> None:
             args.allocation,
             _probe_config(args, args.method, evaluation),
             None if stats is None else _calibration_windows(args, calibration),
-            _progress("probe"),
+            tqdm_progress("probe"),
         )
     start = time.perf_counter()
     if args.sequential:
         _, calibration = compress_sequential(
-            loaded, plan, _calibration_config(args), _progress("calibration")
+            loaded, plan, _calibration_config(args), tqdm_progress("calibration")
         )
     else:
-        compress(loaded.model, plan, stats, progress=_progress("compress"))
+        compress(loaded.model, plan, stats, progress=tqdm_progress("compress"))
     report = {
         "model": args.model,
         "fingerprint": loaded.fingerprint,
@@ -241,7 +221,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
 
     def evaluate() -> dict:
         return evaluate_perplexity(
-            loaded, evaluation, args.window, args.max_eval_tokens, progress=_progress("perplexity")
+            loaded, evaluation, args.window, args.max_eval_tokens, progress=tqdm_progress("perplexity")
         )
 
     if teacher is not None:
@@ -254,7 +234,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
             samples=args.samples,
             seq_len=args.finetune_seq_len or int(calibration["seq_len"]),
         )
-        report["finetune"] = finetune(loaded, teacher, config, evaluation, _progress("finetune"))
+        report["finetune"] = finetune(loaded, teacher, config, evaluation, tqdm_progress("finetune"))
         del teacher
     if evaluation:
         report["perplexity"] = evaluate()
@@ -284,7 +264,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
             args.window,
             args.max_eval_tokens,
             args.batch_size,
-            progress=_progress("perplexity"),
+            progress=tqdm_progress("perplexity"),
         )
     if zero_shot:
         if args.backend == "lm-eval":
@@ -295,7 +275,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
             from sigmascale_core.zeroshot import evaluate_tasks
 
             results = evaluate_tasks(
-                loaded.model, loaded.tokenizer, zero_shot, limit=args.limit, progress=_progress("zero-shot")
+                loaded.model,
+                loaded.tokenizer,
+                zero_shot,
+                limit=args.limit,
+                progress=tqdm_progress("zero-shot"),
             )
         if not args.items:
             for task in results["tasks"].values():
@@ -330,7 +314,7 @@ def cmd_spectra(args: argparse.Namespace) -> None:
         n_layers = max(r.layer for r in target_matrices(loaded.model)) + 1
         raise ValueError(f"no matrix {args.matrix!r} in layer {args.layer} (the model has {n_layers} layers)")
     ref = refs[0]
-    stats, _ = calibrate(loaded, _calibration_config(args), progress=_progress("calibration"))
+    stats, _ = calibrate(loaded, _calibration_config(args), progress=tqdm_progress("calibration"))
     W = get_module(loaded.model, ref.name).weight.detach().float()
     layer_stats = stats[stats_key(ref.layer, ref.group)]
     rank = rank_for_retention(*ref.shape, args.retention)
