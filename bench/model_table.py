@@ -116,10 +116,7 @@ def main() -> None:
             row["zero_shot"] = zero
         return row
 
-    def record(row: dict, started: float) -> None:
-        row["seconds"] = time.perf_counter() - started
-        rows.append(row)
-        print(markdown(rows[-1:], texts, tasks).splitlines()[-1], flush=True)
+    def save() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(
             {
@@ -131,6 +128,12 @@ def main() -> None:
             },
             args.out,
         )
+
+    def record(row: dict, started: float) -> None:
+        row["seconds"] = time.perf_counter() - started
+        rows.append(row)
+        print(markdown(rows[-1:], texts, tasks).splitlines()[-1], flush=True)
+        save()
 
     if not args.no_dense:
         started = time.perf_counter()
@@ -176,6 +179,7 @@ def main() -> None:
                     ft = FinetuneConfig(steps=args.finetune_steps, text=config.text)
                     tuned["finetune"] = finetune(loaded, dense, ft, texts, tqdm_progress("finetune"))
                     record(evaluate(tuned), started)
+    save()  # the rows the deadline skipped
     print(markdown(rows, texts, tasks))
     print(json.dumps({"seconds": time.perf_counter() - began, **peak_memory()}))
 
