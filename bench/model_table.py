@@ -16,6 +16,11 @@ pipeline.probe_config_for); a fine-tuned row continues from the row above it (sa
 then distilled). Each (retention, method, allocation) compresses a fresh copy of the dense model.
 Evaluation texts are disjoint from calibration, probing and fine-tuning text (checked). The JSON is
 rewritten after every row; `--deadline` stops starting rows after that many seconds.
+
+A whole table takes hours on a CPU, so it can be built over several sittings: `--resume` reads --out,
+keeps its rows and measures only the missing ones (a row is method, retention, allocation,
+fine-tune steps). It refuses a file whose rows were measured with other settings (device, texts,
+tokens, tasks, limit, probe, calibration): those would not be comparable.
 """
 
 from __future__ import annotations
@@ -46,6 +51,45 @@ from sigmascale_core.pipeline import (
 )
 from sigmascale_core.progress import tqdm_progress
 from sigmascale_core.surgery import compress
+
+SETTINGS = ("device", "texts", "max_eval_tokens", "tasks", "limit", "probe")  # what every row shares
+CALIBRATION_SETTINGS = ("model", "tokenizer", "text", "samples", "seq_len", "seed", "tokens")
+
+
+def row_key(row: dict) -> tuple:
+    """What a row measured: a table holds each at most once."""
+    return (row["method"], row["retention"], row.get("allocation"), row.get("finetune_steps", 0))
+
+
+def table_order(row: dict) -> tuple:
+    """Dense first, then by retention (highest first), method, allocation, fine-tune steps."""
+    if row["method"] == "dense":
+        return (0,)
+    allocation = row["allocation"]
+    return (
+        1,
+        -row["retention"],
+        METHODS.index(row["method"]),
+        ALLOCATIONS.index(allocation) if allocation in ALLOCATIONS else len(ALLOCATIONS),
+        row["finetune_steps"],
+    )
+
+
+def resumed_table(path: Path, args: argparse.Namespace, calibration: dict) -> dict:
+    """An earlier run's table (rows, peak memory), after checking its rows were measured like this run's."""
+    saved = json.loads(path.read_text())
+    mismatched = [
+        f"{name}: {saved['args'].get(name)} there, {getattr(args, name)} here"
+        for name in SETTINGS
+        if saved["args"].get(name) != str(getattr(args, name))
+    ] + [
+        f"calibration {name}: {saved['calibration'].get(name)} there, {calibration[name]} here"
+        for name in CALIBRATION_SETTINGS
+        if saved["calibration"].get(name) != calibration[name]
+    ]
+    if mismatched:
+        raise SystemExit(f"--resume: {path} was measured with other settings; " + "; ".join(mismatched))
+    return saved
 
 
 def markdown(rows: list[dict], texts: list[str], tasks: list[str]) -> str:
@@ -84,7 +128,10 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="zero-shot: the first N items per task")
     parser.add_argument("--deadline", type=float, default=None, help="start no row after this many s")
     parser.add_argument("--out", type=Path, default=Path("bench/results/model_table.json"))
-    parser.add_argument("--no-dense", action="store_true", help="skip the dense row (resuming a table)")
+    parser.add_argument("--no-dense", action="store_true", help="no dense row")
+    parser.add_argument(
+        "--resume", action="store_true", help="keep the rows already in --out, measure the missing ones"
+    )
     args = parser.parse_args()
     texts, tasks = args.texts.split(","), [t for t in args.tasks.split(",") if t]
     allocations = args.allocations.split(",")
@@ -102,7 +149,11 @@ def main() -> None:
         flush=True,
     )
     windows = (config.text, config.samples, int(calibration["seq_len"]), config.seed)
-    rows: list[dict] = []
+    before = resumed_table(args.out, args, calibration) if args.resume and args.out.exists() else {}
+    rows: list[dict] = before.get("rows", [])
+    done = {row_key(row) for row in rows}
+    if rows:
+        print(f"resuming {args.out}: {len(rows)} rows measured before", flush=True)
     skipped: list[str] = []
 
     def evaluate(row: dict) -> dict:
@@ -124,7 +175,7 @@ def main() -> None:
                 "calibration": calibration,
                 "rows": rows,
                 "skipped": skipped,
-                **peak_memory(),
+                **{k: max(v, before.get(k, 0.0)) for k, v in peak_memory().items()},  # of all sittings
             },
             args.out,
         )
@@ -135,7 +186,7 @@ def main() -> None:
         print(markdown(rows[-1:], texts, tasks).splitlines()[-1], flush=True)
         save()
 
-    if not args.no_dense:
+    if not args.no_dense and ("dense", 1.0, None, 0) not in done:
         started = time.perf_counter()
         record(evaluate({"method": "dense", "retention": 1.0}), started)
     total = parameter_count(dense)
@@ -143,6 +194,10 @@ def main() -> None:
         for method in args.methods.split(","):
             for allocation in allocations:
                 what = f"{method} {retention} {allocation}"
+                base = (method, retention, allocation, 0)
+                tuned_key = (method, retention, allocation, args.finetune_steps)
+                if base in done and (not args.finetune_steps or tuned_key in done):
+                    continue
                 if args.deadline is not None and time.perf_counter() - began > args.deadline:
                     skipped.append(what)
                     print(f"skipped (deadline): {what}", flush=True)
@@ -172,15 +227,16 @@ def main() -> None:
                     "probe_seconds": planning.get("probe", {}).get("seconds"),
                     "compress_seconds": time.perf_counter() - started,
                 }
-                record(evaluate(row), started)
-                if args.finetune_steps:
+                if base not in done:
+                    record(evaluate(row), started)
+                if args.finetune_steps and tuned_key not in done:
                     started = time.perf_counter()
                     tuned = {**row, "finetune_steps": args.finetune_steps}
                     ft = FinetuneConfig(steps=args.finetune_steps, text=config.text)
                     tuned["finetune"] = finetune(loaded, dense, ft, texts, tqdm_progress("finetune"))
                     record(evaluate(tuned), started)
     save()  # the rows the deadline skipped
-    print(markdown(rows, texts, tasks))
+    print(markdown(sorted(rows, key=table_order), texts, tasks))
     print(json.dumps({"seconds": time.perf_counter() - began, **peak_memory()}))
 
 
