@@ -57,10 +57,22 @@ def _reset() -> None:
     shared.set_ranks(state, state["initial"].copy(), "uniform", shared.DEFAULT_RETENTION)
 
 
+def _layer_retention(layer: int) -> float:
+    """A layer's parameter retention as its slider shows it (two decimals, within the slider's range)."""
+    rows = bank.layers == layer
+    after = bank.ranks_after(state["ranks"])
+    return round(min(max(float(after[rows].sum() / bank.params_before[rows].sum()), 0.01), 1.0), 2)
+
+
 def _layer_slider(layer: int, key: str) -> None:
+    """Sets every matrix of the layer to the slider's retention. The browser can report a freshly drawn
+    slider's own value back as a change (after a table edit); that is no edit and changes nothing."""
+    value = float(st.session_state[key])
+    if abs(value - _layer_retention(layer)) < 0.005:
+        return
     rows = bank.layers == layer
     ranks = state["ranks"].copy()
-    ranks[rows] = bank.ranks_for_retention(float(st.session_state[key]))[rows]
+    ranks[rows] = bank.ranks_for_retention(value)[rows]
     shared.set_ranks(state, ranks, "table")
 
 
@@ -223,16 +235,13 @@ def live(save_slot) -> None:
 
     with st.expander("Per-layer sliders (set every matrix of a layer to one retention)"):
         per_layer = st.columns(3)
-        after = bank.ranks_after(state["ranks"])
         for j, layer in enumerate(layers):
-            rows = bank.layers == layer
-            current = float(after[rows].sum() / bank.params_before[rows].sum())
             key = f"layer_{state['version']}_{layer}"
             per_layer[j % 3].slider(
                 f"layer {layer}",
                 0.01,
                 1.0,
-                round(min(max(current, 0.01), 1.0), 2),
+                _layer_retention(layer),
                 0.01,
                 key=key,
                 on_change=_layer_slider,

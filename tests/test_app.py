@@ -238,6 +238,27 @@ def test_presets_undo_and_reset(app):
     assert metric(app, "Parameter retention") == start
 
 
+def test_a_layer_slider_reporting_its_drawn_value_changes_nothing(app, tiny):
+    """The browser can report a freshly drawn slider's own value back as a change (seen in the e2e test:
+    after a table edit, layer 0's slider set the whole layer to its rounded retention). Such a report
+    is not an edit: the ranks and the undo history stay as the table edit left them."""
+    open_page(app, "3_ranks")
+    edit(app, {0: {"q": 0.2}})
+    plan = app.session_state["plan"]
+    ranks, history = plan["ranks"].copy(), len(plan["history"])
+    slider = app.slider(key=f"layer_{plan['version']}_0")
+    drawn = slider.value
+    shapes = list(tiny["shapes"])
+    layer = [i for i, name in enumerate(shapes) if name.startswith("model.layers.0.")]
+    assert len(set(ranks[layer].tolist())) > 1  # a uniform layer at `drawn` would differ from the edit
+    slider.set_value(drawn + 1e-9).run()  # Streamlit sees a change; the value is the one drawn
+    assert not app.exception
+    plan = app.session_state["plan"]
+    assert np.array_equal(plan["ranks"], ranks) and len(plan["history"]) == history
+    app.slider(key=f"layer_{plan['version']}_0").set_value(round(drawn - 0.1, 2)).run()  # a real move
+    assert app.session_state["plan"]["ranks"][layer].sum() < ranks[layer].sum()
+
+
 def test_sensitivity_preset_from_a_perplexity_probe(app):
     open_page(app, "3_ranks")
     assert app.selectbox(key="sensitivity_source").options == ["loss curves (proxy, instant)"]
