@@ -20,7 +20,8 @@ rewritten after every row; `--deadline` stops starting rows after that many seco
 A whole table takes hours on a CPU, so it can be built over several sittings: `--resume` reads --out,
 keeps its rows and measures only the missing ones (a row is method, retention, allocation,
 fine-tune steps). It refuses a file whose rows were measured with other settings (device, texts,
-tokens, tasks, limit, probe, calibration): those would not be comparable.
+tokens, tasks, limit, probe, calibration): those would not be comparable. Without --resume an existing
+--out is refused, never overwritten.
 """
 
 from __future__ import annotations
@@ -133,6 +134,8 @@ def main() -> None:
         "--resume", action="store_true", help="keep the rows already in --out, measure the missing ones"
     )
     args = parser.parse_args()
+    if args.out.exists() and not args.resume:  # hours of rows: never overwritten by accident
+        parser.error(f"{args.out} exists: --resume continues that table, or delete it to start over")
     texts, tasks = args.texts.split(","), [t for t in args.tasks.split(",") if t]
     allocations = args.allocations.split(",")
     config = CalibrationConfig()
