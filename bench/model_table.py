@@ -21,7 +21,7 @@ A whole table takes hours on a CPU, so it can be built over several sittings: `-
 keeps its rows and measures only the missing ones (a row is method, retention, allocation,
 fine-tune steps). It refuses a file whose rows were measured with other settings (device, texts,
 tokens, tasks, limit, probe, calibration): those would not be comparable. Without --resume an existing
---out is refused, never overwritten.
+--out is refused, never overwritten. `--show` prints the table in --out and measures nothing.
 """
 
 from __future__ import annotations
@@ -133,7 +133,15 @@ def main() -> None:
     parser.add_argument(
         "--resume", action="store_true", help="keep the rows already in --out, measure the missing ones"
     )
+    parser.add_argument("--show", action="store_true", help="print the table in --out, measure nothing")
     args = parser.parse_args()
+    if args.show:
+        saved = json.loads(args.out.read_text())
+        shown_tasks = [t for t in saved["args"]["tasks"].split(",") if t]
+        print(
+            markdown(sorted(saved["rows"], key=table_order), saved["args"]["texts"].split(","), shown_tasks)
+        )
+        return
     if args.out.exists() and not args.resume:  # hours of rows: never overwritten by accident
         parser.error(f"{args.out} exists: --resume continues that table, or delete it to start over")
     texts, tasks = args.texts.split(","), [t for t in args.tasks.split(",") if t]
