@@ -57,6 +57,11 @@ SETTINGS = ("device", "texts", "max_eval_tokens", "tasks", "limit", "probe")  # 
 CALIBRATION_SETTINGS = ("model", "tokenizer", "text", "samples", "seq_len", "seed", "tokens")
 
 
+def names(text: str) -> list[str]:
+    """A comma-separated option as a list (empty for "")."""
+    return [name for name in text.split(",") if name]
+
+
 def row_key(row: dict) -> tuple:
     """What a row measured: a table holds each at most once."""
     return (row["method"], row["retention"], row.get("allocation"), row.get("finetune_steps", 0))
@@ -137,14 +142,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.show:
         saved = json.loads(args.out.read_text())
-        shown_tasks = [t for t in saved["args"]["tasks"].split(",") if t]
-        print(
-            markdown(sorted(saved["rows"], key=table_order), saved["args"]["texts"].split(","), shown_tasks)
-        )
+        shown = saved["args"]
+        print(markdown(sorted(saved["rows"], key=table_order), names(shown["texts"]), names(shown["tasks"])))
         return
     if args.out.exists() and not args.resume:  # hours of rows: never overwritten by accident
         parser.error(f"{args.out} exists: --resume continues that table, or delete it to start over")
-    texts, tasks = args.texts.split(","), [t for t in args.tasks.split(",") if t]
+    texts, tasks = names(args.texts), names(args.tasks)
     allocations = args.allocations.split(",")
     config = CalibrationConfig()
     check_texts(config.text, texts)
@@ -197,16 +200,18 @@ def main() -> None:
         print(markdown(rows[-1:], texts, tasks).splitlines()[-1], flush=True)
         save()
 
-    if not args.no_dense and ("dense", 1.0, None, 0) not in done:
+    dense_row = {"method": "dense", "retention": 1.0}
+    if not args.no_dense and row_key(dense_row) not in done:
         started = time.perf_counter()
-        record(evaluate({"method": "dense", "retention": 1.0}), started)
+        record(evaluate(dense_row), started)
     total = parameter_count(dense)
     for retention in map(float, args.retentions.split(",")):
         for method in args.methods.split(","):
             for allocation in allocations:
                 what = f"{method} {retention} {allocation}"
-                base = (method, retention, allocation, 0)
-                tuned_key = (method, retention, allocation, args.finetune_steps)
+                measured = {"method": method, "retention": retention, "allocation": allocation}
+                base = row_key({**measured, "finetune_steps": 0})
+                tuned_key = row_key({**measured, "finetune_steps": args.finetune_steps})
                 if base in done and (not args.finetune_steps or tuned_key in done):
                     continue
                 if args.deadline is not None and time.perf_counter() - began > args.deadline:
@@ -229,9 +234,7 @@ def main() -> None:
                 )
                 compress(loaded.model, plan, stats, progress=tqdm_progress("compress"))
                 row = {
-                    "method": method,
-                    "retention": retention,
-                    "allocation": allocation,
+                    **measured,
                     "finetune_steps": 0,
                     "parameter_retention": plan.parameter_retention(),
                     "model_retention": plan.model_retention(total),

@@ -57,10 +57,10 @@ def _reset() -> None:
     shared.set_ranks(state, state["initial"].copy(), "uniform", shared.DEFAULT_RETENTION)
 
 
-def _layer_retention(layer: int) -> float:
-    """A layer's parameter retention as its slider shows it (two decimals, within the slider's range)."""
+def _layer_retention(layer: int, after: np.ndarray) -> float:
+    """A layer's parameter retention as its slider shows it (two decimals, within the slider's range),
+    from the parameters each matrix keeps (`bank.ranks_after` of the plan's ranks)."""
     rows = bank.layers == layer
-    after = bank.ranks_after(state["ranks"])
     return round(min(max(float(after[rows].sum() / bank.params_before[rows].sum()), 0.01), 1.0), 2)
 
 
@@ -68,7 +68,7 @@ def _layer_slider(layer: int, key: str) -> None:
     """Sets every matrix of the layer to the slider's retention. The browser can report a freshly drawn
     slider's own value back as a change (after a table edit); that is no edit and changes nothing."""
     value = float(st.session_state[key])
-    if abs(value - _layer_retention(layer)) < 0.005:
+    if abs(value - _layer_retention(layer, bank.ranks_after(state["ranks"]))) < 0.005:
         return
     rows = bank.layers == layer
     ranks = state["ranks"].copy()
@@ -235,13 +235,14 @@ def live(save_slot) -> None:
 
     with st.expander("Per-layer sliders (set every matrix of a layer to one retention)"):
         per_layer = st.columns(3)
+        after = bank.ranks_after(state["ranks"])
         for j, layer in enumerate(layers):
             key = f"layer_{state['version']}_{layer}"
             per_layer[j % 3].slider(
                 f"layer {layer}",
                 0.01,
                 1.0,
-                _layer_retention(layer),
+                _layer_retention(layer, after),
                 0.01,
                 key=key,
                 on_change=_layer_slider,
