@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -73,39 +73,71 @@ def collect_stats(
     Keys are stats_key(layer, group). With `compress_layer(i, stats_of_layer_i)` (the sequential
     variant), layer i is compressed in place right after its statistics are collected.
     """
-    if input_ids.ndim != 2 or input_ids.numel() == 0:
-        raise ValueError(f"input_ids must be (n_samples, seq_len), got shape {tuple(input_ids.shape)}")
+    stats: dict[str, ActivationStats] = {}
+    steps = layer_stats_steps(model, {"": input_ids}, batch_size, stats_device, compress_layer)
+    for i, (_layer, by_split) in enumerate(steps):
+        stats.update(by_split[""])
+        if progress is not None:
+            progress(i + 1, len(decoder_layers(model)), "calibration")
+    return stats
+
+
+def layer_stats_steps(
+    model: nn.Module,
+    splits: dict[str, torch.Tensor],
+    batch_size: int = 4,
+    stats_device: torch.device | str = "cpu",
+    compress_layer: Callable[[int, dict[str, ActivationStats]], None] | None = None,
+) -> Iterator[tuple[int, dict[str, dict[str, ActivationStats]]]]:
+    """One decoder layer per step: (layer, {split: {stats_key: stats}}) for several token sets at once.
+
+    Every split's windows go through the model in one pass (batches never mix splits), so the
+    calibration and held-out statistics cost one sweep; a caller can do other work between layers
+    (the app's compute service shows each layer's spectra as soon as its statistics exist).
+    """
+    for name, ids in splits.items():
+        if ids.ndim != 2 or ids.numel() == 0:
+            raise ValueError(f"input_ids {name!r} must be (n_samples, seq_len), got shape {tuple(ids.shape)}")
     layers = decoder_layers(model)
     refs = target_matrices(model)
     device = next(model.parameters()).device
-    stats: dict[str, ActivationStats] = {}
     with torch.no_grad():
-        batches = _layer_inputs(model, input_ids, batch_size)
+        batches = [
+            (name, *batch) for name, ids in splits.items() for batch in _layer_inputs(model, ids, batch_size)
+        ]
+        active = [""]  # the split of the batch in flight, read by the hooks
         for i, layer in enumerate(layers):
-            layer_stats: dict[str, ActivationStats] = {}
+            layer_stats: dict[str, dict[str, ActivationStats]] = {}
             hooks = []
             for group, kinds in INPUT_GROUPS.items():
                 reader = next(r for r in refs if r.layer == i and r.kind == kinds[0])  # one reader per input
-                layer_stats[group] = ActivationStats(reader.in_features, device=device)
+                current = {name: ActivationStats(reader.in_features, device=device) for name in splits}
+                layer_stats[group] = current
                 hooks.append(
                     get_module(model, reader.name).register_forward_pre_hook(
-                        lambda _m, args, s=layer_stats[group]: s.update(args[0])
+                        lambda _m, args, s=current, a=active: s[a[0]].update(args[0])
                     )
                 )
             try:
-                outputs = [_hidden(layer(hidden, **kwargs)) for hidden, kwargs in batches]
+                outputs = []
+                for name, hidden, kwargs in batches:
+                    active[0] = name
+                    outputs.append(_hidden(layer(hidden, **kwargs)))
             finally:
                 for hook in hooks:
                     hook.remove()
             if compress_layer is not None:  # the next layer must see this one compressed
-                compress_layer(i, layer_stats)
-                outputs = [_hidden(layer(hidden, **kwargs)) for hidden, kwargs in batches]
-            batches = [(out, kwargs) for out, (_, kwargs) in zip(outputs, batches, strict=True)]
-            for group, s in layer_stats.items():
-                stats[stats_key(i, group)] = s.to(stats_device)
-            if progress is not None:
-                progress(i + 1, len(layers), "calibration")
-    return stats
+                only = next(iter(splits))
+                compress_layer(i, {group: s[only] for group, s in layer_stats.items()})
+                outputs = [_hidden(layer(hidden, **kwargs)) for _, hidden, kwargs in batches]
+            batches = [(name, out, kwargs) for out, (name, _, kwargs) in zip(outputs, batches, strict=True)]
+            yield (
+                i,
+                {
+                    name: {stats_key(i, group): s[name].to(stats_device) for group, s in layer_stats.items()}
+                    for name in splits
+                },
+            )
 
 
 def _hidden(output: Any) -> torch.Tensor:

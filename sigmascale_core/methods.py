@@ -208,17 +208,33 @@ def loss_curve(
     The scaling is fitted on `stats` (for sigmascale: learned at `rank`, then held fixed for the other
     ranks); the loss is measured on `eval_stats` when given (held-out tokens), else on `stats`.
     """
+    measured = stats if eval_stats is None else eval_stats
+    return method_curves(W, stats, method, rank, (measured,), **options)[1][0]
+
+
+def method_curves(
+    W: torch.Tensor,
+    stats: ActivationStats,
+    method: str,
+    rank: int | None,
+    measured: tuple[ActivationStats, ...],
+    **options: object,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(σ of the scaled matrix `method` truncates, [its loss curve on each of `measured`]), float64.
+
+    The scaling is fitted once on `stats` and one eigendecomposition serves every curve: what the app
+    shows per matrix (calibration and held-out curves) costs one fit, not one per curve.
+    """
     opts = _options(method, options)
     _check_inputs(W, stats, method)
     if method == "sigmascale" and rank is not None:
         check_rank(rank, *W.shape)
-    measured = stats if eval_stats is None else eval_stats
-    check_stats(measured, W.shape[1])
+    for s in measured:
+        check_stats(s, W.shape[1])
     W64 = W.to(torch.float64)
     scaling = _fit_scaling(W64, stats, rank, method, opts)
-    gram = measured.gram.to(W.device)
-    transpose = W64.shape[0] < W64.shape[1]
     Ws = scaling.apply(W64)
+    transpose = W64.shape[0] < W64.shape[1]
     eigenvalues, V = gram_eigh(Ws.mT if transpose else Ws)
     sigma = eigenvalues.sqrt()
     live = sigma > sigma[0] * torch.finfo(torch.float64).eps
@@ -230,15 +246,19 @@ def loss_curve(
     U_back = scaling.unapply_left(U)
     A = U_back.mT @ U_back
     V_back = scaling.unapply_right(V.mT)  # (r, n) = Vᵀ S_col⁻¹
-    B = V_back @ gram @ V_back.mT
-    M = sigma[:, None] * sigma[None, :] * A * B
-    suffix = M.flip((0, 1)).cumsum(0).cumsum(1).flip((0, 1))  # suffix[i, j] = Σ_{i'≥i, j'≥j} M
-    tail = torch.zeros(min(W.shape) + 1, dtype=torch.float64, device=W.device)
-    tail[: sigma.numel()] = suffix.diagonal().clamp_min(0)
-    reference = gram_error(W64, gram)
-    if reference <= 0:
-        raise ValueError("‖WX‖² is zero on these stats: the relative loss is undefined")
-    return tail / reference
+    curves = []
+    for s in measured:
+        gram = s.gram.to(W.device)
+        reference = gram_error(W64, gram)
+        if reference <= 0:
+            raise ValueError("‖WX‖² is zero on these stats: the relative loss is undefined")
+        B = V_back @ gram @ V_back.mT
+        M = sigma[:, None] * sigma[None, :] * A * B
+        suffix = M.flip((0, 1)).cumsum(0).cumsum(1).flip((0, 1))  # suffix[i, j] = Σ_{i'≥i, j'≥j} M
+        tail = torch.zeros(min(W.shape) + 1, dtype=torch.float64, device=W.device)
+        tail[: sigma.numel()] = suffix.diagonal().clamp_min(0)
+        curves.append(tail / reference)
+    return singular_values(Ws), curves
 
 
 def learn_scaling(
