@@ -1,0 +1,134 @@
+"""compute.py: the background service fills the bank in priority order, resumes from the cache, and its
+numbers equal a direct recomputation (pipeline.calibrate + methods.loss_curve)."""
+
+import random
+
+import numpy as np
+import pytest
+from tiny import tiny_model
+from transformers import AutoTokenizer
+
+from sigmascale_core import compute, spectra
+from sigmascale_core.bank import reference_rank
+from sigmascale_core.calibration import stats_key
+from sigmascale_core.methods import loss_curve, scaled_spectrum
+from sigmascale_core.models import bundled_model_dir, get_module, load_model
+from sigmascale_core.pipeline import CalibrationConfig, calibrate
+
+WORDS = "the of and a to in is was he for it with as his on be at by this had not are but from".split()
+
+
+def write_text(path, seed):
+    rng = random.Random(seed)
+    path.write_text("\n\n".join(f"{path.stem} {i}. " + " ".join(rng.choices(WORDS, k=100)) for i in range(40)))
+    return f"file:{path}"
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compute")
+    tokenizer = AutoTokenizer.from_pretrained(bundled_model_dir())
+    model = tiny_model("llama")
+    model.resize_token_embeddings(len(tokenizer))
+    model.save_pretrained(root / "tiny")
+    tokenizer.save_pretrained(root / "tiny")
+    return compute.ServiceConfig(
+        model=str(root / "tiny"),
+        calibration=CalibrationConfig(write_text(root / "cal.txt", 1), samples=4, seq_len=32),
+        heldout=CalibrationConfig(write_text(root / "held.txt", 2), samples=2, seq_len=32, seed=1),
+    )
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SIGMASCALE_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def finished(snap):
+    return snap.state == "idle"
+
+
+def run_to_end(config):
+    service = compute.ComputeService(config).start()
+    snap = service.wait_until(finished, timeout=300)
+    assert snap.error is None, snap.error
+    return service, snap
+
+
+def test_service_numbers_equal_a_direct_recomputation(config, cache):
+    service, snap = run_to_end(config)
+    service.stop()
+    bank = snap.bank
+    assert all(stage.complete for stage in snap.stages.values())
+    loaded = load_model(config.model)
+    cal, _ = calibrate(loaded, config.calibration)  # the file the service saved: same key, same stats
+    held, _ = calibrate(loaded, config.heldout)
+    for name in (bank.names[0], bank.names[-1]):
+        ref = bank.refs[bank.index[name]]
+        W = get_module(loaded.model, name).weight.detach()
+        sk = stats_key(ref.layer, ref.group)
+        for method in spectra.CHEAP_METHODS:
+            s = bank.spectrum(name, method)
+            np.testing.assert_allclose(s.sigma, scaled_spectrum(W, cal[sk], method).numpy(), rtol=1e-9)
+            expected = loss_curve(W, cal[sk], method, eval_stats=held[sk]).numpy()
+            np.testing.assert_allclose(s.loss["heldout"], expected, rtol=1e-8, atol=1e-12)
+    # the sigmascale numbers of a plan are sigmascale's own curve, learned at the plan's rank
+    ranks = np.array([reference_rank(tuple(s), config.reference_retention) for s in bank.shapes])
+    numbers = bank.evaluate(ranks, "sigmascale")
+    assert numbers.ready.all() and not numbers.approximate.any()
+    for i in (0, len(bank.names) - 1):
+        ref = bank.refs[i]
+        W = get_module(loaded.model, ref.name).weight.detach()
+        sk = stats_key(ref.layer, ref.group)
+        curve = loss_curve(W, cal[sk], "sigmascale", rank=int(numbers.ranks[i])).numpy()
+        assert numbers.loss["calibration"][i] == pytest.approx(curve[numbers.ranks[i]], rel=1e-6)
+
+
+def test_focus_jumps_the_queue_and_nothing_stands_in_for_pending_rows(config, cache):
+    service = compute.ComputeService(config)
+    service.start()
+    snap = service.wait_until(lambda s: s.bank is not None, timeout=120)
+    last = snap.bank.names[-1]  # a matrix of the last layer
+    service.focus(last)
+    snap = service.wait_until(lambda s: last in s.bank.learned, timeout=300)
+    learned = [target[0] for kind, target in service.computed if kind == "learned"]
+    assert learned[0] == last  # before any other matrix's scaling
+    # while other matrices are pending, sigmascale's totals cover the learned rows only, never ASVD's
+    numbers = snap.bank.evaluate(snap.bank.full_rank // 2, "sigmascale")
+    assert numbers.ready.sum() == len(learned) < len(snap.bank.names)
+    assert np.isnan(numbers.loss["calibration"][~numbers.ready]).all()
+    service.stop()
+
+
+def test_a_restart_resumes_from_the_cache_without_recomputing(config, cache):
+    first = compute.ComputeService(config).start()
+    first.wait_until(lambda s: s.stages["cheap"].done >= 7, timeout=300)  # layer 0's seven matrices
+    first.stop()
+    done_before = {(k, t) for k, t in first.computed if k in ("weights", "cheap", "learned")}
+    second, snap = run_to_end(config)
+    second.stop()
+    assert done_before and not done_before & set(second.computed)
+    assert snap.bank.ready("svdllm").all()
+    # a third start computes nothing at all; a corrupt file is recomputed, alone
+    path = spectra.layer_path(snap.bank and second.key, 0)
+    raw = bytearray(path.read_bytes())
+    raw[-9] ^= 0x01
+    path.write_bytes(bytes(raw))
+    third, _ = run_to_end(config)
+    third.stop()
+    assert third.computed == [("cheap", 0)]
+
+
+def test_a_second_process_waits_and_reads_what_the_first_computes(config, cache):
+    leader = compute.ComputeService(config).start()
+    leader.wait_until(lambda s: s.bank is not None and s.state == "running", timeout=120)
+    follower = compute.ComputeService(config).start()  # its own lock file handle: excluded like a process
+    snap = follower.wait_until(lambda s: s.state == "waiting", timeout=120)
+    assert snap.state == "waiting"
+    leader.wait_until(finished, timeout=300)
+    snap = follower.wait_until(lambda s: s.bank.ready("sigmascale").all(), timeout=60)
+    assert follower.computed == []
+    assert snap.bank.ready("svdllm").all()
+    leader.stop()
+    follower.stop()
