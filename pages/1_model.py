@@ -1,4 +1,4 @@
-"""Model & data: which model, which calibration text, which device; load and calibrate."""
+"""Model & data: which model, which calibration text, which device; the background work's progress."""
 
 from dataclasses import replace
 
@@ -13,11 +13,6 @@ SOURCES = {
     "bundled": "Bundled SmolLM2-135M",
     "local": "Local folder or .gguf file",
     "hub": "Hugging Face hub id",
-}
-SOURCES_OF_STATS = {
-    "memory": "already in memory",
-    "disk cache": "read from the disk cache",
-    "computed": "computed and saved to the cache",
 }
 
 
@@ -79,7 +74,7 @@ with st.form("model_form"):
     d, e = st.columns(2)
     heldout_text = d.text_input("Held-out text", value=cfg.heldout_text, key="heldout_text")
     heldout_samples = e.number_input("Held-out samples", 1, 4096, cfg.heldout_samples, key="heldout_samples")
-    submitted = st.form_submit_button("Load & calibrate", type="primary")
+    submitted = st.form_submit_button("Apply", type="primary")
 
 if submitted:
     source = "smollm2-135m" if kind == "bundled" else where.strip()
@@ -108,32 +103,24 @@ st.caption(
 
 if submitted:
     try:
-        shared.check_texts(cfg)
-        loaded = shared.model(cfg)
-        facts = shared.model_facts(loaded)
-        _, info = shared.stats(loaded, cfg.calibration(), "Calibrating")
-        _, held = shared.stats(loaded, cfg.heldout(), "Held-out statistics")
-    except Exception as err:
+        shared.service_config(cfg).check()  # cheap checks before any work
+    except ValueError as err:
         shared.show_error(err, f"Cannot use {cfg.model}")
-    else:
-        st.session_state["calibrated"] = {"calibration": info, "heldout": held}
-        st.success(
-            f"Loaded {loaded.family} model `{loaded.source}` (fingerprint {loaded.fingerprint}): "
-            f"{facts['parameters']:,} parameters, {facts['layers']} layers, {len(facts['refs'])} target "
-            f"matrices. Calibration {info['tokens']:,} tokens "
-            f"({SOURCES_OF_STATS[info['source']]}, {info['seconds']:.1f} s)."
-        )
+        st.stop()
 
-done = st.session_state.get("calibrated")
-if done and not submitted:
-    info = done["calibration"]
-    st.info(
-        f"Calibrated: {info['tokens']:,} tokens of `{info['text']}` "
-        f"({SOURCES_OF_STATS[info['source']]}). The statistics stay in memory: other pages "
-        f"and later visits use them at once."
-    )
-elif not done:
-    st.info(
-        "Nothing to configure to start: the bundled SmolLM2-135M and BoolQ calibration text are the "
-        "defaults. Press **Load & calibrate**, or open **Spectra** / **Ranks** and they load on demand."
+# The service starts on first use and computes in the background: this page and every other one
+# show its progress, and nothing here waits for it.
+shared.status_panel(lambda s: (s.bank is not None, s.stats_ready, s.state), expanded=True)
+snap = shared.service(cfg).snapshot()
+if snap.loaded is not None:
+    bank = snap.bank
+    st.success(
+        f"Loaded {snap.loaded.family} model `{snap.loaded.source}` (fingerprint {snap.loaded.fingerprint}): "
+        f"{bank.total_params:,} parameters, {len(set(bank.layers.tolist()))} layers, {len(bank.names)} target "
+        "matrices."
+        + (
+            " Calibration and held-out statistics are ready."
+            if snap.stats_ready
+            else " The statistics are being collected: the Spectra page already shows what is ready."
+        )
     )

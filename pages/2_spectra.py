@@ -1,21 +1,16 @@
-"""Spectra: where each matrix's singular values fall, before and after each method's scaling."""
+"""Spectra: where each matrix's singular values fall, before and after each method's scaling.
+
+Everything is drawn from what the compute service has ready; the rest shows as pending and fills in
+on its own. The matrix on screen is computed first (`service.focus`)."""
 
 import altair as alt
+import numpy as np
 import pandas as pd
 import streamlit as st
 
 from pages import _shared as shared
 from sigmascale_core import spectra
 from sigmascale_core.metrics import effective_rank, participation_ratio
-from sigmascale_core.models import MATRIX_KINDS
-
-st.title("Spectra")
-bank = shared.ready_bank()
-if bank is None:
-    st.stop()
-cfg = shared.config()
-state = shared.plan_state(bank)
-numbers = bank.evaluate(state["ranks"], state["method"])
 
 LABELS = {
     "svd": "W (plain SVD)",
@@ -24,99 +19,116 @@ LABELS = {
     "sigmascale": "learned (SigmaScale)",
 }
 PALETTE = {"svd": "#555555", "asvd": "#1f77b4", "svdllm": "#2ca02c", "sigmascale": "#d62728"}
+LOG_AXIS = alt.Axis(format="~e")  # one format on every log axis
+
+st.title("Spectra")
+svc = shared.service()
+
+
+def _watch(snap):
+    """What this page draws: the overview's coverage and the chosen matrix's results."""
+    bank = snap.bank
+    if bank is None:
+        return (snap.state,)
+    name = st.session_state.get("spectra_name")
+    ready = () if name not in bank.index else (name in bank.cheap, len(bank.learned.get(name, {})))
+    return snap.state, len(bank.weights_sigma), len(bank.cheap) // 7, len(bank.learned) // 21, ready
+
+
+snap = shared.ready_snapshot(_watch)
+if snap is None:
+    st.stop()
+bank = snap.bank
+state = shared.plan_state(snap)
+plan = state["plan"]
+ranks = bank.rank_array(plan)
+numbers = bank.evaluate(ranks, plan.method)
+kinds_order = bank.kind_order()
 
 # -- overview heatmap ---------------------------------------------------------------------------------
 st.subheader("Overview: layers × matrices")
 metrics = {
-    "effective rank of W / min(m, n)": lambda: spectra.effective_ranks(bank, "svd") / bank.full_rank,
-    "effective rank of W": lambda: spectra.effective_ranks(bank, "svd"),
-    "effective rank after whitening / min(m, n)": lambda: (
-        spectra.effective_ranks(bank, "svdllm") / bank.full_rank
+    "effective rank of W / min(m, n)": lambda: bank.effective_ranks("svd") / bank.full_rank,
+    "effective rank of W": lambda: bank.effective_ranks("svd"),
+    "effective rank after whitening / min(m, n)": lambda: bank.effective_ranks("svdllm") / bank.full_rank,
+    "effective rank after learned scaling / min(m, n)": lambda: (
+        bank.effective_ranks("sigmascale") / bank.full_rank
     ),
-    f"relative loss at the current plan ({state['method']}, calibration)": lambda: numbers.loss[
-        "calibration"
-    ],
-    f"relative loss at the current plan ({state['method']}, held-out)": lambda: numbers.loss["heldout"],
-    "parameter retention of the current plan": lambda: numbers.retention,
+    f"relative loss at the plan ({plan.method}, calibration)": lambda: numbers.loss["calibration"],
+    f"relative loss at the plan ({plan.method}, held-out)": lambda: numbers.loss["heldout"],
+    "parameter retention of the plan": lambda: numbers.retention,
 }
 metric = st.selectbox("Colour by", list(metrics), key="heatmap_metric")
 values = metrics[metric]()
+ready = np.isfinite(values)
 heat = pd.DataFrame(
     {
         "layer": bank.layers,
         "matrix": bank.kinds,
-        "value": values,
+        "value": np.where(ready, values, np.nan),
         "shape": [f"{m}×{n}" for m, n in bank.shapes],
     }
 )
-kinds_order = [k for k in MATRIX_KINDS if k in set(bank.kinds)]
 heatmap = (
     alt.Chart(heat)
     .mark_rect()
     .encode(
-        x=alt.X("matrix:N", sort=kinds_order, title=None),
+        x=alt.X("matrix:N", sort=kinds_order, title=None, axis=alt.Axis(labelAngle=0, orient="top")),
         y=alt.Y("layer:O", title="layer"),
         color=alt.Color("value:Q", title=None, scale=alt.Scale(scheme="viridis")),
-        tooltip=["layer", "matrix", "shape", alt.Tooltip("value:Q", format=".4g", title=metric)],
+        tooltip=["layer", "matrix", "shape", alt.Tooltip("value:Q", format=".4g", title="value")],
     )
     .properties(height=alt.Step(16 if len(set(bank.layers.tolist())) > 8 else 28))
 )
 st.altair_chart(heatmap, width="stretch")
+if not ready.all():
+    st.caption(
+        f"{int(ready.sum())} of {len(ready)} matrices ready; the blank cells fill in as they are computed."
+    )
 
 # -- one matrix -----------------------------------------------------------------------------------------
 st.subheader("One matrix")
 layers = sorted(set(bank.layers.tolist()))
 pick_layer, pick_kind = st.columns([2, 3])
 layer = pick_layer.selectbox("Layer", layers, key="spectra_layer")
-kind = pick_kind.segmented_control("Matrix", kinds_order, default="q", key="spectra_kind") or "q"
+kind = pick_kind.segmented_control("Matrix", kinds_order, default=kinds_order[0], key="spectra_kind")
+kind = kind or kinds_order[0]
 i = bank.find(layer, kind)
 name = bank.names[i]
+st.session_state["spectra_name"] = name
+svc.focus(name)
 m, n = (int(x) for x in bank.shapes[i])
 rank = int(numbers.ranks[i])
-ref_rank = spectra.reference_rank((m, n))
 st.caption(
-    f"`{name}` — {m}×{n}; the current plan keeps rank **{rank}**"
-    f"{' (dense)' if numbers.dense[i] else ''} of {min(m, n)} ({numbers.retention[i]:.0%} of its parameters)."
+    f"`{name}` — {m}×{n}; the plan keeps rank **{rank}**{' (dense)' if numbers.dense[i] else ''} of "
+    f"{min(m, n)} ({numbers.retention[i]:.0%} of its parameters). The dashed line marks that rank."
 )
 
-learned = bank.spectrum(name, "sigmascale")
-if learned is None:
-    cols = st.columns([3, 2])
-    if cols[0].button(
-        f"Learn the SigmaScale scaling for this matrix (at rank {ref_rank}, retention "
-        f"{spectra.REFERENCE_RETENTION:.2f}; a few seconds on CPU)",
-        key="learn_one",
-    ):
-        try:
-            shared.learn_sigmascale(cfg, bank, [name])
-            learned = bank.spectrum(name, "sigmascale")
-        except Exception as err:
-            shared.show_error(err, "Cannot learn the SigmaScale scaling")
-    if cols[1].button(f"Learn it for all {len(bank.names)} matrices (minutes on CPU)", key="learn_all"):
-        try:
-            shared.learn_sigmascale(cfg, bank, bank.names)
-            learned = bank.spectrum(name, "sigmascale")
-        except Exception as err:
-            shared.show_error(err, "Cannot learn the SigmaScale scalings")
-methods = ["svd", "asvd", "svdllm"] + (["sigmascale"] if learned is not None else [])
-COLORS = alt.Scale(domain=[LABELS[x] for x in methods], range=[PALETTE[x] for x in methods])
-st.caption(
-    f"SigmaScale learns its scaling for one rank: shown here learned at rank {ref_rank} "
-    f"(retention {spectra.REFERENCE_RETENTION:.2f}), then applied unchanged at every rank."
-    + ("" if learned is not None else " Not learned for this matrix yet.")
-)
+learned = bank.spectrum(name, "sigmascale", rank)
+available = [x for x in ("svd", "asvd", "svdllm", "sigmascale") if bank.sigma(name, x) is not None]
+pending = [LABELS[x] for x in LABELS if x not in available]
+if pending:
+    st.info(f"Computing next (this matrix jumps the queue): {', '.join(pending)}.")
+if learned is not None:
+    st.caption(
+        f"SigmaScale learned its scaling for this matrix at rank {learned.rank}, then applies it unchanged "
+        "at every rank"
+        + (" — an approximation at the plan's rank; a relearn is queued." if numbers.approximate[i] else ".")
+    )
+    if numbers.approximate[i]:
+        svc.request_learned([(name, rank)])
+COLORS = alt.Scale(domain=[LABELS[x] for x in available], range=[PALETTE[x] for x in available])
 shown = st.multiselect(
     "Spectra shown",
-    [LABELS[x] for x in methods],
-    default=[LABELS[x] for x in methods],
-    key=f"shown_{len(methods)}",
+    [LABELS[x] for x in available],
+    default=[LABELS[x] for x in available],
+    key=f"shown_{'-'.join(available)}",
 )
 normalise = st.toggle("Normalise each spectrum by its largest value", value=True, key="normalise")
 
 spectrum_rows, energy_rows, summary = [], [], []
-for method in methods:
-    s = bank.spectrum(name, method)
-    sigma = s.sigma
+for method in available:
+    sigma = bank.sigma(name, method) if method != "sigmascale" else learned.sigma
     energy = spectra.cumulative_energy(sigma)
     keep = spectra.downsample_indices(len(sigma))
     scale = sigma[0] if normalise and sigma[0] > 0 else 1.0
@@ -127,34 +139,36 @@ for method in methods:
         energy_rows.append(
             pd.DataFrame({"method": LABELS[method], "index": keep + 1, "energy": energy[keep]})
         )
-    summary.append(
-        {
-            "spectrum": LABELS[method],
-            "effective rank": effective_rank(sigma),
-            "participation ratio": participation_ratio(sigma),
-            "energy kept at the cut": float(energy[rank - 1]) if rank >= 1 else 0.0,
-            "rel. loss at the cut (calibration)": float(s.loss["calibration"][rank]),
-            "rel. loss at the cut (held-out)": float(s.loss["heldout"][rank]),
-        }
-    )
+    s = bank.spectrum(name, method, rank)
+    row = {
+        "spectrum": LABELS[method],
+        "effective rank": effective_rank(sigma),
+        "participation ratio": participation_ratio(sigma),
+        "energy kept at the cut": float(energy[rank - 1]) if rank >= 1 else 0.0,
+    }
+    if s is not None:
+        row["rel. loss at the cut (calibration)"] = float(s.loss["calibration"][rank])
+        row["rel. loss at the cut (held-out)"] = float(s.loss["heldout"][rank])
+    summary.append(row)
 
 cut = (
     alt.Chart(pd.DataFrame({"rank": [rank]}))
     .mark_rule(color="black", strokeDash=[4, 3])
-    .encode(x="rank:Q", tooltip=[alt.Tooltip("rank:Q", title="current rank cut")])
+    .encode(x="rank:Q", tooltip=[alt.Tooltip("rank:Q", title="the plan's rank")])
 )
 legend = alt.selection_point(fields=["method"], bind="legend")
 
 
 def _lines(frame: pd.DataFrame, y: str, title: str, log: bool, x_title: str = "index i") -> alt.Chart:
     scale = alt.Scale(type="log") if log else alt.Scale()
+    axis = LOG_AXIS if log else alt.Axis()
     return (
         alt.Chart(frame)
         .mark_line(point=alt.OverlayMarkDef(size=12))
         .encode(
-            x=alt.X("index:Q", title=x_title),
-            y=alt.Y(f"{y}:Q", title=title, scale=scale),
-            color=alt.Color("method:N", scale=COLORS, title=None),
+            x=alt.X("index:Q", title=x_title, axis=alt.Axis(format="d")),
+            y=alt.Y(f"{y}:Q", title=title, scale=scale, axis=axis),
+            color=alt.Color("method:N", scale=COLORS, title=None, legend=alt.Legend(orient="bottom")),
             opacity=alt.condition(legend, alt.value(1.0), alt.value(0.15)),
             tooltip=["method", "index", alt.Tooltip(f"{y}:Q", format=".4g")],
         )
@@ -178,13 +192,19 @@ else:
     st.info("Choose at least one spectrum to show.")
 
 st.markdown("**Shape of each spectrum** (lower effective rank = steeper = cheaper to truncate)")
-st.dataframe(pd.DataFrame(summary).set_index("spectrum").style.format("{:.4g}"), width="stretch")
+st.dataframe(
+    pd.DataFrame(summary).set_index("spectrum").style.format("{:.4g}", na_rep="pending"), width="stretch"
+)
 
 # -- loss vs rank -----------------------------------------------------------------------------------------
+with_curves = [x for x in available if bank.spectrum(name, x, rank) is not None]
+if not with_curves:
+    st.info("The loss curves need the calibration statistics of this layer: they appear here when ready.")
+    st.stop()
 st.markdown("**Relative activation loss ‖(W−W′ₖ)X‖² / ‖WX‖² vs rank k** — calibration and held-out tokens")
 curve_rows = []
-for method in methods:
-    s = bank.spectrum(name, method)
+for method in with_curves:
+    s = bank.spectrum(name, method, rank)
     for split, title in (("calibration", "calibration"), ("heldout", "held-out")):
         curve = s.loss[split]
         keep = spectra.downsample_indices(len(curve))
@@ -202,5 +222,5 @@ for col, title in zip(cols, ("calibration", "held-out"), strict=True):
         col.altair_chart(chart.interactive(), width="stretch")
 st.caption(
     "Every method's scaling is fitted on the calibration tokens; the held-out curve measures the same "
-    f"factors on other tokens (`{cfg.heldout_text}`), so a gap between the two is overfitting."
+    f"factors on other tokens (`{shared.config().heldout_text}`), so a gap between the two is overfitting."
 )

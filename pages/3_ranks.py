@@ -13,21 +13,30 @@ from sigmascale_core.methods import METHODS
 from sigmascale_core.plan import CompressionPlan
 
 st.title("Ranks")
-bank = shared.ready_bank()
-if bank is None:
+snap = shared.ready_snapshot()
+if snap is None:
     st.stop()
-state = shared.plan_state(bank)
+bank, svc = snap.bank, shared.service()
+state = shared.plan_state(snap)
 layers, kinds, _ = bank.grid(np.zeros(len(bank.names)))
+
+
+def _plan_ranks() -> np.ndarray:
+    return bank.rank_array(state["plan"])
+
+
+def _edit(ranks: np.ndarray, allocation: str, target: float | None = None) -> None:
+    shared.set_plan(state, state["plan"].edited(bank.plan_ranks(ranks), allocation, target))
 
 
 # -- callbacks (run before the rerun that follows a click) ---------------------------------------------
 def _set_method() -> None:
-    state["method"] = st.session_state["plan_method"]
+    shared.set_plan(state, state["plan"].with_method(st.session_state["plan_method"]))
 
 
 def _uniform() -> None:
     retention = float(st.session_state["uniform_retention"])
-    shared.set_ranks(state, bank.ranks_for_retention(retention), "uniform", retention)
+    _edit(bank.ranks_for_retention(retention), "uniform", retention)
 
 
 PROXY, PROBE = "loss curves (proxy, instant)", "perplexity probe"
@@ -41,12 +50,12 @@ def _allocate() -> None:
         if st.session_state.get("sensitivity_source") == PROBE:
             curves = damage_curves(shared.probe_table(shared.config()))
         else:
-            curves = bank.damage_curves(state["method"])
+            curves = bank.damage_curves(state["plan"].method)
         ranks = bank.ranks_of(allocate_ranks(curves, retention, "greedy"))
     except Exception as err:  # shown on the next run, never a traceback
         st.session_state["preset_error"] = f"{type(err).__name__}: {err}"
         return
-    shared.set_ranks(state, ranks, "sensitivity", retention)
+    _edit(ranks, "greedy", retention)
 
 
 def _undo() -> None:
@@ -54,7 +63,7 @@ def _undo() -> None:
 
 
 def _reset() -> None:
-    shared.set_ranks(state, state["initial"].copy(), "uniform", shared.DEFAULT_RETENTION)
+    shared.set_plan(state, state["initial"])
 
 
 def _layer_retention(layer: int, after: np.ndarray) -> float:
@@ -68,37 +77,15 @@ def _layer_slider(layer: int, key: str) -> None:
     """Sets every matrix of the layer to the slider's retention. The browser can report a freshly drawn
     slider's own value back as a change (after a table edit); that is no edit and changes nothing."""
     value = float(st.session_state[key])
-    if abs(value - _layer_retention(layer, bank.ranks_after(state["ranks"]))) < 0.005:
+    ranks = _plan_ranks()
+    if abs(value - _layer_retention(layer, bank.ranks_after(ranks))) < 0.005:
         return
     rows = bank.layers == layer
-    ranks = state["ranks"].copy()
     ranks[rows] = bank.ranks_for_retention(value)[rows]
-    shared.set_ranks(state, ranks, "table")
+    _edit(ranks, "table")
 
 
-# -- presets, undo, save / load -------------------------------------------------------------------------
-top = st.columns([2, 3, 2, 2, 1, 1])
-top[0].selectbox(
-    "Method",
-    METHODS,
-    index=METHODS.index(state["method"]),
-    key="plan_method",
-    on_change=_set_method,
-    help="the decomposition the run will use; the totals read this method's loss curves",
-)
-top[1].slider("Uniform retention", 0.05, 1.0, shared.DEFAULT_RETENTION, 0.01, key="uniform_retention")
-top[2].button("Uniform preset", on_click=_uniform, key="preset_uniform", width="stretch")
-top[3].button(
-    "Sensitivity-allocated",
-    on_click=_allocate,
-    key="preset_sensitivity",
-    width="stretch",
-    help="the uniform retention's parameter budget (within one rank), spent where the sensitivity "
-    "(below) says it buys the most: allocation.allocate_ranks, greedy",
-)
-top[4].button("Undo", on_click=_undo, key="undo", disabled=not state["history"], width="stretch")
-top[5].button("Reset", on_click=_reset, key="reset", width="stretch")
-
+# -- save / load, sensitivity source ----------------------------------------------------------------------
 if message := st.session_state.pop("preset_error", None):
     st.error(f"Cannot allocate: {message}")
 probe = shared.probe_table(shared.config())
@@ -117,29 +104,31 @@ with st.expander("Sensitivity for the allocated preset"):
         except Exception as err:
             shared.show_error(err, "Probing failed")
 
-try:
-    loaded = shared.model(shared.config())
-except Exception as err:
-    shared.show_error(err, "Cannot load the model")
-    st.stop()
-
 save, load = st.columns(2)
 upload = load.file_uploader("Load a plan (JSON)", type=["json"], key="plan_upload")
 if upload is not None and st.session_state.get("plan_loaded_from") != upload.file_id:
     st.session_state["plan_loaded_from"] = upload.file_id
     try:
         loaded_plan = CompressionPlan.from_dict(json.loads(upload.getvalue().decode("utf-8")))
-        ranks = shared.from_plan(bank, loaded_plan, loaded.fingerprint)
+        fingerprint = snap.loaded.fingerprint
+        if loaded_plan.model_fingerprint != fingerprint:
+            raise ValueError(
+                f"the plan was made for model {loaded_plan.model_fingerprint}, the loaded model is {fingerprint}"
+            )
+        bank.rank_array(loaded_plan)  # the matrices and shapes must be this model's
     except (ValueError, UnicodeDecodeError) as err:
         st.error(f"Cannot load {upload.name}: {err}")
     else:
-        state["method"] = loaded_plan.method
-        shared.set_ranks(state, ranks, loaded_plan.allocation, loaded_plan.target_retention)
+        shared.set_plan(state, loaded_plan)
         st.session_state.pop("plan_method", None)
         st.success(
             f"Loaded {upload.name}: {loaded_plan.method}, {loaded_plan.parameter_retention():.2%} retention."
         )
         st.rerun()
+
+
+def _number(x: float, fmt: str = ".5f") -> str:
+    return "pending" if not np.isfinite(x) else format(x, fmt)
 
 
 # -- the live part: edits rerun only this fragment --------------------------------------------------------
@@ -165,7 +154,7 @@ def _apply_edits(unit: str, key: str) -> None:
     edits = (st.session_state.get(key) or {}).get("edited_rows") or {}
     if not edits:
         return
-    ranks, errors = state["ranks"].copy(), []
+    ranks, errors = _plan_ranks(), []
     for row, cells in edits.items():
         for kind, value in cells.items():
             try:
@@ -176,38 +165,103 @@ def _apply_edits(unit: str, key: str) -> None:
     st.session_state.pop(key, None)
     if errors:
         st.session_state["edit_errors"] = errors
-    shared.set_ranks(state, bank.normalise(ranks), "table")
+    _edit(ranks, "table")
 
 
-@st.fragment
+def controls() -> None:
+    """Method, presets, undo and reset: inside the fragment, so Undo enables with the edit that made it."""
+    plan = state["plan"]
+    top = st.columns([2, 3, 2, 2, 1, 1], vertical_alignment="bottom")
+    top[0].selectbox(
+        "Method",
+        METHODS,
+        index=METHODS.index(plan.method),
+        key="plan_method",
+        on_change=_set_method,
+        help="the decomposition the run will use; the totals read this method's own loss curves",
+    )
+    top[1].slider("Uniform retention", 0.05, 1.0, shared.DEFAULT_RETENTION, 0.01, key="uniform_retention")
+    top[2].button(
+        "Uniform",
+        on_click=_uniform,
+        key="preset_uniform",
+        width="stretch",
+        help="every matrix keeps this retention",
+    )
+    top[3].button(
+        "Allocate",
+        on_click=_allocate,
+        key="preset_sensitivity",
+        width="stretch",
+        help="the uniform retention's parameter budget (within one rank), spent where the sensitivity "
+        "(below) says it buys the most: allocation.allocate_ranks, greedy",
+    )
+    top[4].button("Undo", on_click=_undo, key="undo", disabled=not state["history"], width="stretch")
+    top[5].button("Reset", on_click=_reset, key="reset", width="stretch")
+
+
+def pending_note(numbers, method: str) -> str:
+    """Says how many matrices the totals cover, and queues relearns where sigmascale is read far away."""
+    note = ""
+    if numbers.pending:
+        what = "learned" if method == "sigmascale" else "computed"
+        note = (
+            f" **{method} curves {what} for {len(bank.names) - numbers.pending}/{len(bank.names)} matrices, "
+            f"{numbers.pending} pending**: the losses and ranks above cover the ready ones only."
+        )
+    if method == "sigmascale":
+        far = numbers.approximate
+        if far.any():
+            svc.request_learned([(bank.names[i], int(numbers.ranks[i])) for i in np.flatnonzero(far)])
+            note += (
+                f" {int(far.sum())} matrices sit far from the rank their scaling was learned at: their "
+                "curves are an approximation there, and relearns at the new ranks are queued."
+            )
+    return note
+
+
+@st.fragment(run_every=2.0 if snap.working else None)
 def live(save_slot) -> None:
+    controls()
+    if message := st.session_state.pop("preset_error", None):
+        st.error(f"Cannot allocate: {message}")
     unit = st.radio("Edit as", ["retention", "rank"], horizontal=True, key="unit")
     _apply_edits(unit, f"editor_{state['version']}_{unit}")
     for message in st.session_state.pop("edit_errors", []):
         st.error(f"Edit ignored — {message}")
-    numbers = bank.evaluate(state["ranks"], state["method"])
+    plan = state["plan"]
+    ranks = _plan_ranks()
+    numbers = bank.evaluate(ranks, plan.method)
 
     cols = st.columns(6)
     cols[0].metric(
-        "Parameter retention", f"{numbers.parameter_retention:.2%}", help="target linears after / before"
+        "Params kept",
+        f"{numbers.parameter_retention:.2%}",
+        help="parameter retention: target linears after / before",
     )
     cols[1].metric(
-        "Whole-model retention", f"{numbers.model_retention:.2%}", help="embeddings and norms included"
+        "Model kept",
+        f"{numbers.model_retention:.2%}",
+        help="whole-model retention: embeddings and norms included",
     )
-    cols[2].metric("Mean rel. loss (calibration)", f"{numbers.mean_loss('calibration'):.5f}")
-    cols[3].metric("Mean rel. loss (held-out)", f"{numbers.mean_loss('heldout'):.5f}")
-    cols[4].metric("Mean eff. rank kept", f"{numbers.effective_rank.mean():.1f}")
-    cols[5].metric("Mean energy kept", f"{numbers.energy.mean():.4f}")
-    learned = len(bank.learned)
-    note = ""
-    if state["method"] == "sigmascale" and learned < len(bank.names):
-        note = (
-            f" SigmaScale curves learned for {learned}/{len(bank.names)} matrices (Spectra page); the others "
-            "read ASVD's curve, SigmaScale's starting point."
-        )
+    cols[2].metric(
+        "Loss (calib.)",
+        _number(numbers.mean_loss("calibration")),
+        help="mean relative loss on calibration tokens",
+    )
+    cols[3].metric(
+        "Loss (held-out)", _number(numbers.mean_loss("heldout")), help="mean relative loss on held-out tokens"
+    )
+    cols[4].metric(
+        "Eff. rank kept",
+        _number(numbers.mean(numbers.effective_rank), ".1f"),
+        help="mean effective rank of the kept singular values",
+    )
+    cols[5].metric("Energy kept", _number(numbers.mean(numbers.energy), ".4f"), help="mean share of Σσ² kept")
+    note = pending_note(numbers, plan.method)
     st.caption(
         f"{int((~numbers.dense).sum())} of {len(bank.names)} matrices compressed, "
-        f"{int(numbers.dense.sum())} dense; allocation: {state['allocation']}. Relative loss "
+        f"{int(numbers.dense.sum())} dense; allocation: {plan.allocation}. Relative loss "
         f"‖(W−W′)X‖²/‖WX‖² per matrix from the cached loss curves, nothing recomputed.{note}"
     )
 
@@ -222,7 +276,6 @@ def live(save_slot) -> None:
     else:
         table = table.astype("Int64")
         config = {k: st.column_config.NumberColumn(k, min_value=1, step=1, format="%d") for k in kinds}
-    plan = shared.to_plan(bank, state, loaded.fingerprint)
     save_slot.download_button(
         "Save plan (JSON)",
         json.dumps(plan.to_dict(), indent=2),
@@ -235,7 +288,7 @@ def live(save_slot) -> None:
 
     with st.expander("Per-layer sliders (set every matrix of a layer to one retention)"):
         per_layer = st.columns(3)
-        after = bank.ranks_after(state["ranks"])
+        after = bank.ranks_after(ranks)
         for j, layer in enumerate(layers):
             key = f"layer_{state['version']}_{layer}"
             per_layer[j % 3].slider(

@@ -27,11 +27,8 @@ def _task_names() -> list[str]:
 
 def _current_plan():
     """(plan, where it came from): the Ranks page's plan when this session has one, else None."""
-    if "plan" not in st.session_state:
-        return None
-    bank = shared.bank(cfg)
-    state = shared.plan_state(bank)
-    return shared.to_plan(bank, state, shared.model(cfg).fingerprint)
+    state = st.session_state.get("plan")
+    return None if state is None else state["plan"]
 
 
 # -- what to run ------------------------------------------------------------------------------------------
@@ -119,7 +116,10 @@ if go or baseline:
             if run_plan is None:
                 from sigmascale_core.pipeline import uniform_plan
 
-                run_plan = uniform_plan(shared.model(cfg), float(uniform_retention), uniform_method)
+                loaded = shared.service(cfg).snapshot().loaded
+                if loaded is None:
+                    raise ValueError("the model is still loading: start the run in a few seconds")
+                run_plan = uniform_plan(loaded, float(uniform_retention), uniform_method)
         run_dir = jobs.start_run(spec, run_plan)
     except Exception as err:
         shared.show_error(err, "Cannot start the run")

@@ -1,7 +1,8 @@
-"""What the pages share: the session's configuration, the cached model/stats/spectra, the plan state.
+"""What the pages share: the session's configuration, the compute service, the plan state.
 
-Thin glue between Streamlit and sigmascale_core: caching (st.cache_resource, per server process and
-shared by every tab), progress bars and error display live here; every number comes from the core.
+Thin glue between Streamlit and sigmascale_core: the service (one per server process and config,
+shared by every tab; compute.py) computes in the background, and the pages draw its snapshot with a
+status panel that refreshes on its own; every number comes from the core.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import os
 import threading
 from dataclasses import asdict, dataclass, field, replace
 
-import numpy as np
 import streamlit as st
 
 DEFAULTS_ENV = "SIGMASCALE_APP_DEFAULTS"  # JSON object overriding AppConfig's defaults (tests, demos)
@@ -77,6 +77,98 @@ def set_config(cfg: AppConfig) -> None:
     st.session_state["config"] = cfg
 
 
+# ---------------------------------------------------------------------------------------------------
+# The compute service (one per model and calibration choice, shared by every tab of this server)
+
+
+def service_config(cfg: AppConfig):
+    from sigmascale_core.compute import ServiceConfig
+
+    return ServiceConfig(cfg.model, cfg.device, cfg.dtype, cfg.calibration(), cfg.heldout())
+
+
+def _stop_service(service) -> None:
+    service.stop(timeout=0)  # evicted or cleared: the worker ends after its current task
+
+
+@st.cache_resource(max_entries=4, show_spinner=False, on_release=_stop_service)
+def _service(config):
+    from sigmascale_core.compute import ComputeService
+
+    return ComputeService(config).start()
+
+
+def service(cfg: AppConfig | None = None):
+    """The running ComputeService of the config (started on first use; never blocks)."""
+    return _service(service_config(cfg or config()))
+
+
+STAGE_UNITS = {
+    "model": "",
+    "weights": "layers",
+    "calibration": "layers",
+    "cheap": "matrices",
+    "learned": "matrices",
+}
+
+
+def progress_lines(snap) -> list[tuple[str, float, str]]:
+    """(stage, fraction, text) for each stage of the service, as the status panel shows them."""
+    from sigmascale_core.compute import STAGE_LABELS
+    from sigmascale_core.progress import format_seconds
+
+    lines = []
+    for name, stage in snap.stages.items():
+        if name == "model":
+            text = (
+                f"{STAGE_LABELS[name]}: done in {stage.seconds:.1f} s"
+                if stage.complete
+                else STAGE_LABELS[name] + "…"
+            )
+            lines.append((name, 1.0 if stage.complete else 0.0, text))
+            continue
+        total = stage.total or 1
+        text = f"{STAGE_LABELS[name]}: {stage.done}/{stage.total} {STAGE_UNITS[name]}"
+        if stage.complete:
+            text += " ✓"
+        elif stage.done:
+            text += f" · about {format_seconds(stage.eta)} left"
+        lines.append((name, min(stage.done / total, 1.0), text))
+    return lines
+
+
+def status_panel(watch=None, expanded: bool = False) -> None:
+    """The service's progress, refreshed every second while it works; when `watch(snapshot)` changes
+    (something the page draws became ready), the whole page reruns to draw it."""
+    snap = service().snapshot()
+    token = None if watch is None else watch(snap)
+
+    @st.fragment(run_every=1.0 if snap.working else None)
+    def panel() -> None:
+        now = service().snapshot()
+        if watch is not None and watch(now) != token:
+            st.rerun()
+        if now.state == "error":
+            st.error(f"Background computation stopped: {now.error}")
+            st.info("Check the choices on the **Model & data** page.")
+            return
+        if not now.working and not expanded:
+            return
+        title = {
+            "loading": "Loading the model…",
+            "running": "Computing in the background",
+            "waiting": "Another process computes these results; showing them as they land",
+            "idle": "Everything is computed",
+        }[now.state]
+        with st.expander(f"{title}: {now.current or 'idle'}", expanded=expanded or now.state == "loading"):
+            for _name, fraction, text in progress_lines(now):
+                st.progress(fraction, text=text)
+            if now.requests:
+                st.caption(f"{now.requests} SigmaScale relearns queued at ranks a plan moved to.")
+
+    panel()
+
+
 def show_error(err: BaseException, what: str) -> None:
     """One readable message, never a traceback: ValueError is the core's 'bad input'."""
     if isinstance(err, ValueError):
@@ -85,20 +177,45 @@ def show_error(err: BaseException, what: str) -> None:
         st.error(f"{what}: {type(err).__name__}: {err}")
 
 
-# ---------------------------------------------------------------------------------------------------
-# Cached resources (shared by all sessions of this server process)
+def ready_snapshot(watch=None):
+    """The service's snapshot once its model is loaded (with the status panel drawn above the page),
+    or None after saying what the page waits for."""
+    status_panel(watch or (lambda s: (s.bank is not None, s.state == "error")))
+    snap = service().snapshot()
+    if snap.bank is None:
+        if snap.state != "error":
+            st.info("Loading the model: the page fills in as soon as it is ready.")
+        return None
+    return snap
 
 
-@st.cache_resource(max_entries=2, show_spinner=False)
-def _load_model(source: str, device: str, dtype: str):
-    import torch
+def probe_table(cfg: AppConfig, run: bool = False):
+    """The perplexity sensitivity table (sigmascale_core.probing) of the config's model: from memory,
+    else (when `run`) from probing's disk cache or probed now with a progress bar; None if not run."""
+    svc = service(cfg)
+    snap = svc.snapshot()
+    if snap.loaded is None or not snap.stats_ready:
+        return None
+    box = _box("probe", snap.loaded.fingerprint, json.dumps(asdict(cfg.calibration()), sort_keys=True))
+    with box["lock"]:
+        if "table" not in box and run:
+            from sigmascale_core.pipeline import calibrate
+            from sigmascale_core.probing import ProbeConfig, probe
 
-    from sigmascale_core.models import load_model
+            bar = st.progress(0.0, text="Probing: perplexity with one matrix truncated at a time")
 
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype not in dtypes:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(dtypes)}")
-    return load_model(source, device=device, dtype=dtypes[dtype])
+            def update(done: int, total: int, what: str) -> None:
+                bar.progress(min(done / max(total, 1), 1.0), text=f"Probing: {what} {done}/{total}")
+
+            with svc.model_lock:  # never beside the calibration sweep's hooks
+                cal, info = calibrate(snap.loaded, cfg.calibration())
+                config_ = ProbeConfig(text=cfg.text, evaluation=(*cfg.evaluation, cfg.heldout_text))
+                calibration = (cfg.text, cfg.samples, info["seq_len"], cfg.seed)
+                box["table"], box["info"] = probe(
+                    snap.loaded, cal, config_, calibration=calibration, progress=update
+                )
+            bar.empty()
+    return box.get("table")
 
 
 @st.cache_resource(max_entries=32, show_spinner=False)
@@ -107,245 +224,36 @@ def _box(*key: str) -> dict:
     return {"lock": threading.Lock()}
 
 
-def model(cfg: AppConfig):
-    """The LoadedModel of the config (ValueError with a readable message when it cannot load)."""
-    with st.spinner(f"Loading {cfg.model} on {cfg.device}…"):
-        return _load_model(cfg.model, cfg.device, cfg.dtype)
-
-
-def model_facts(loaded) -> dict:
-    """Key facts about the loaded model, computed once per model (tokenizer hashing included)."""
-    box = _box("facts", loaded.fingerprint, loaded.source)
-    with box["lock"]:
-        if "facts" not in box:
-            from sigmascale_core.models import target_matrices, tokenizer_fingerprint
-            from sigmascale_core.pipeline import parameter_count
-
-            refs = target_matrices(loaded.model)
-            box["facts"] = {
-                "refs": refs,
-                "parameters": parameter_count(loaded.model),
-                "tokenizer": tokenizer_fingerprint(loaded.tokenizer),
-                "layers": len({r.layer for r in refs}),
-            }
-    return box["facts"]
-
-
-def _progress_callback(label: str):
-    bar = st.progress(0.0, text=label)
-
-    def update(done: int, total: int, what: str) -> None:
-        bar.progress(min(done / max(total, 1), 1.0), text=f"{label}: {what} {done}/{total}")
-
-    return bar, update
-
-
-def stats(loaded, calibration, label: str):
-    """Calibration stats (from memory, else the disk cache, else computed with a progress bar)."""
-    box = _box("stats", loaded.fingerprint, json.dumps(asdict(calibration), sort_keys=True))
-    with box["lock"]:
-        if "stats" in box:
-            return box["stats"], {**box["info"], "source": "memory"}
-        from sigmascale_core.pipeline import calibrate
-
-        bar, update = _progress_callback(label)
-        box["stats"], info = calibrate(loaded, calibration, progress=update)
-        box["info"] = {**info, "source": "disk cache" if info.get("cached") else "computed"}
-        bar.empty()
-        return box["stats"], box["info"]
-
-
-def spectra_key(loaded, cfg: AppConfig):
-    """The SpectraKey of the config, computed once per model and calibration choice: hashing the
-    tokenizer (inside calibration_key) costs ~0.1 s, too much for every rerun of an edit."""
-    from sigmascale_core.spectra import SpectraKey, calibration_key
-
-    configs = json.dumps([asdict(cfg.calibration()), asdict(cfg.heldout())], sort_keys=True)
-    box = _box("spectra_key", loaded.fingerprint, loaded.source, configs)
-    with box["lock"]:
-        if "key" not in box:
-            box["key"] = SpectraKey.build(
-                loaded.fingerprint,
-                calibration_key(loaded, cfg.calibration()),
-                calibration_key(loaded, cfg.heldout()),
-            )
-    return box["key"]
-
-
-def check_texts(cfg: AppConfig) -> None:
-    """ValueError if the calibration and held-out texts share documents."""
-    from sigmascale_core.text import check_disjoint
-
-    check_disjoint(calibration=cfg.text, heldout=cfg.heldout_text)
-
-
-def bank(cfg: AppConfig):
-    """The SpectraBank of the config: read from the spectra cache, computing what is missing
-    (calibration + cheap spectra, with progress bars). Shared by all sessions."""
-    from sigmascale_core import spectra
-
-    loaded = model(cfg)
-    key = spectra_key(loaded, cfg)
-    box = _box("bank", key.digest)
-    if "bank" in box:
-        return box["bank"]
-    with box["lock"]:
-        if "bank" in box:
-            return box["bank"]
-        facts = model_facts(loaded)
-        refs = facts["refs"]
-        missing = spectra.missing_layers(key, refs)
-        weights, cal, held = {}, {}, {}
-        if missing:
-            check_texts(cfg)
-            cal, _ = stats(loaded, cfg.calibration(), "Calibrating")
-            held, _ = stats(loaded, cfg.heldout(), "Held-out statistics")
-            from sigmascale_core.models import get_module
-
-            weights = {r.name: get_module(loaded.model, r.name).weight.detach() for r in refs}
-        bar, update = _progress_callback(f"Spectra and loss curves ({len(missing)} layers to compute)")
-        computed = spectra.precompute(key, refs, weights, cal, held, progress=update)
-        bar.empty()
-        result = spectra.SpectraBank(refs, computed, facts["parameters"])
-        for ref in refs:
-            learned = spectra.load_sigmascale(key, ref, spectra.reference_rank(ref.shape))
-            if learned is not None:
-                result.add_sigmascale(ref.name, learned)
-        box["bank"] = result
-    return result
-
-
-def learn_sigmascale(cfg: AppConfig, bank_, names: list[str]) -> None:
-    """Learn SigmaScale's scaling (at the reference rank) for `names`, with a progress bar."""
-    from sigmascale_core import spectra
-    from sigmascale_core.calibration import stats_key
-    from sigmascale_core.models import get_module
-
-    loaded = model(cfg)
-    key = spectra_key(loaded, cfg)
-    todo = [n for n in names if n not in bank_.learned]
-    if not todo:
-        return
-    cal, _ = stats(loaded, cfg.calibration(), "Calibrating")
-    held, _ = stats(loaded, cfg.heldout(), "Held-out statistics")
-    bar, update = _progress_callback("Learning SigmaScale scalings")
-    for done, name in enumerate(todo, start=1):
-        ref = bank_.refs[bank_.index[name]]
-        sk = stats_key(ref.layer, ref.group)
-        W = get_module(loaded.model, name).weight.detach()
-        rank = spectra.reference_rank(ref.shape)
-        bank_.add_sigmascale(name, spectra.learn_sigmascale(key, ref, W, cal[sk], held[sk], rank))
-        update(done, len(todo), name)
-    bar.empty()
-
-
-def probe_table(cfg: AppConfig, run: bool = False):
-    """The perplexity sensitivity table (sigmascale_core.probing) of the config's model: from memory,
-    else (when `run`) from probing's disk cache or probed now with a progress bar; None if not run."""
-    loaded = model(cfg)
-    box = _box("probe", loaded.fingerprint, json.dumps(asdict(cfg.calibration()), sort_keys=True))
-    with box["lock"]:
-        if "table" not in box and run:
-            from sigmascale_core.probing import ProbeConfig, probe
-
-            cal, info = stats(loaded, cfg.calibration(), "Calibrating")
-            config = ProbeConfig(text=cfg.text, evaluation=(*cfg.evaluation, cfg.heldout_text))
-            bar, update = _progress_callback("Probing: perplexity with one matrix truncated at a time")
-            calibration = (cfg.text, cfg.samples, info["seq_len"], cfg.seed)
-            box["table"], box["info"] = probe(loaded, cal, config, calibration=calibration, progress=update)
-            bar.empty()
-    return box.get("table")
-
-
-def ready_bank():
-    """The bank for the session's config, or None after showing why it is not available."""
-    cfg = config()
-    try:
-        return bank(cfg)
-    except Exception as err:  # a page must show the problem, never a traceback
-        show_error(err, f"Cannot prepare {cfg.model}")
-        st.info("Check the choices on the **Model & data** page.")
-        return None
-
-
 # ---------------------------------------------------------------------------------------------------
-# The session's plan: ranks per matrix (numpy), with undo
+# The session's plan: one CompressionPlan, with undo
 
 
-def plan_state(bank_) -> dict:
-    """This session's plan for `bank_` (a uniform plan at DEFAULT_RETENTION the first time, or when the
-    model/config changed)."""
+def plan_state(snap) -> dict:
+    """This session's plan for the snapshot's model: {"plan": CompressionPlan, "history": [...],
+    "version": n}; a uniform sigmascale plan at DEFAULT_RETENTION the first time or for another model."""
+    from sigmascale_core.plan import CompressionPlan
+    from sigmascale_core.surgery import target_shapes
+
     state = st.session_state.get("plan")
-    if state is None or state["names"] != bank_.names:
-        ranks = bank_.ranks_for_retention(DEFAULT_RETENTION)
-        state = {
-            "names": bank_.names,
-            "ranks": ranks,
-            "initial": ranks.copy(),
-            "method": "sigmascale",
-            "allocation": "uniform",
-            "target_retention": DEFAULT_RETENTION,
-            "history": [],
-            "version": 0,
-        }
+    fingerprint = snap.loaded.fingerprint
+    if state is None or state["plan"].model_fingerprint != fingerprint:
+        shapes = target_shapes(snap.loaded.model)
+        plan = CompressionPlan.uniform(shapes, DEFAULT_RETENTION, "sigmascale", fingerprint)
+        state = {"plan": plan, "initial": plan, "history": [], "version": 0}
         st.session_state["plan"] = state
     return state
 
 
-def set_ranks(state: dict, ranks: np.ndarray, allocation: str, target: float | None = None) -> None:
-    """Replace the plan's ranks (recording undo) and bump the version (fresh editor widgets)."""
-    if not np.array_equal(ranks, state["ranks"]):
-        state["history"] = [
-            *state["history"],
-            (state["ranks"], state["allocation"], state["target_retention"]),
-        ]
-        state["history"] = state["history"][-HISTORY:]
-    state.update(ranks=np.asarray(ranks), allocation=allocation, target_retention=target)
+def set_plan(state: dict, plan) -> None:
+    """Replace the session's plan (recording undo) and bump the version (fresh editor widgets)."""
+    if plan != state["plan"]:
+        state["history"] = [*state["history"], state["plan"]][-HISTORY:]
+        state["plan"] = plan
     state["version"] += 1
 
 
 def undo(state: dict) -> None:
     if state["history"]:
-        ranks, allocation, target = state["history"][-1]
+        state["plan"] = state["history"][-1]
         state["history"] = state["history"][:-1]
-        state.update(ranks=ranks, allocation=allocation, target_retention=target)
         state["version"] += 1
-
-
-def to_plan(bank_, state: dict, fingerprint: str):
-    """The session's plan as the CompressionPlan the CLI takes."""
-    from sigmascale_core.plan import CompressionPlan, MatrixPlan
-
-    ranks = bank_.normalise(state["ranks"])
-    matrices = {
-        name: MatrixPlan(
-            tuple(int(x) for x in bank_.shapes[i]), None if ranks[i] >= bank_.full_rank[i] else int(ranks[i])
-        )
-        for i, name in enumerate(bank_.names)
-    }
-    return CompressionPlan(
-        fingerprint, state["method"], {}, matrices, state["target_retention"], state["allocation"]
-    )
-
-
-def from_plan(bank_, plan, fingerprint: str) -> np.ndarray:
-    """Ranks from a loaded CompressionPlan; ValueError unless it was made for this model."""
-    if plan.model_fingerprint != fingerprint:
-        raise ValueError(
-            f"the plan was made for model {plan.model_fingerprint}, the loaded model is {fingerprint}"
-        )
-    unknown = sorted(set(plan.matrices) - set(bank_.names))
-    missing = sorted(set(bank_.names) - set(plan.matrices))
-    if unknown or missing:
-        raise ValueError(
-            f"the plan's matrices differ from the model's (unknown {unknown[:3]}, missing {missing[:3]})"
-        )
-    ranks = []
-    for i, name in enumerate(bank_.names):
-        matrix = plan.matrices[name]
-        if tuple(matrix.shape) != tuple(int(x) for x in bank_.shapes[i]):
-            raise ValueError(
-                f"{name}: the plan says shape {matrix.shape}, the model has {tuple(bank_.shapes[i])}"
-            )
-        ranks.append(bank_.full_rank[i] if matrix.rank is None else matrix.rank)
-    return bank_.normalise(np.array(ranks))

@@ -20,6 +20,7 @@ from sigmascale_core.allocation import DamageCurve, damage_curve, max_rank
 from sigmascale_core.methods import METHODS
 from sigmascale_core.metrics import rank_for_retention
 from sigmascale_core.models import MATRIX_KINDS, MatrixRef
+from sigmascale_core.plan import CompressionPlan
 from sigmascale_core.spectra import SPLITS, MethodSpectrum
 
 RELEARN_TOLERANCE = 0.25  # a learned curve is an approximation beyond ±25 % of the rank it was learned at
@@ -74,7 +75,11 @@ class PlanNumbers:
 
     def mean_loss(self, split: str) -> float:
         """Mean relative loss over the ready matrices (NaN when none is ready)."""
-        values = self.loss[split][self.ready]
+        return self.mean(self.loss[split])
+
+    def mean(self, values: np.ndarray) -> float:
+        """Mean of per-matrix `values` over the ready matrices (NaN when none is ready)."""
+        values = values[self.ready]
         return float(values.mean()) if values.size else float("nan")
 
 
@@ -172,6 +177,29 @@ class SpectraBank:
         """Clip ranks into [1, min(m, n)], and ranks at or past break-even to min(m, n) (dense)."""
         ranks = np.clip(np.asarray(ranks, dtype=np.int64), 1, self.full_rank)
         return np.where(ranks * self.params_per_rank >= self.params_before, self.full_rank, ranks)
+
+    def rank_array(self, plan: CompressionPlan) -> np.ndarray:
+        """A plan's ranks in bank order (dense = min(m, n)); ValueError unless it fits this model."""
+        unknown = sorted(set(plan.matrices) - set(self.names))
+        missing = sorted(set(self.names) - set(plan.matrices))
+        if unknown or missing:
+            raise ValueError(
+                f"the plan's matrices differ from the model's (unknown {unknown[:3]}, missing {missing[:3]})"
+            )
+        ranks = []
+        for i, name in enumerate(self.names):
+            matrix = plan.matrices[name]
+            if tuple(matrix.shape) != tuple(int(x) for x in self.shapes[i]):
+                raise ValueError(
+                    f"{name}: the plan says shape {matrix.shape}, the model has {tuple(self.shapes[i])}"
+                )
+            ranks.append(self.full_rank[i] if matrix.is_dense else matrix.rank)
+        return self.normalise(np.array(ranks))
+
+    def plan_ranks(self, ranks: np.ndarray) -> dict[str, int | None]:
+        """Bank-order ranks as a plan's {name: rank}, dense (break-even or beyond) as None: one encoding."""
+        ranks = self.normalise(ranks)
+        return {n: None if ranks[i] >= self.full_rank[i] else int(ranks[i]) for i, n in enumerate(self.names)}
 
     def ranks_after(self, ranks: np.ndarray) -> np.ndarray:
         """Parameters each matrix keeps at `ranks`."""

@@ -464,11 +464,12 @@ class ComputeService:
         return True
 
     def _release_lock(self) -> None:
-        if self._lock_file is not None:
+        with self._lock:
+            fh, self._lock_file = self._lock_file, None
+        if fh is not None:
             with contextlib.suppress(OSError):
-                fcntl.flock(self._lock_file, fcntl.LOCK_UN)
-            self._lock_file.close()
-            self._lock_file = None
+                fcntl.flock(fh, fcntl.LOCK_UN)
+            fh.close()
 
     def _publish_wants(self) -> None:
         if self.key is None:

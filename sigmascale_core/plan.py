@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from sigmascale_core.artifacts import write_json_atomic
@@ -132,6 +132,20 @@ class CompressionPlan:
             self.target_retention,
             allocation or self.allocation,
         )
+
+    def edited(
+        self, ranks: dict[str, int | None], allocation: str, target_retention: float | None = None
+    ) -> CompressionPlan:
+        """The plan after an edit (the app's presets, table and sliders): new ranks, how they were
+        chosen, and the global retention they aim at (None for hand edits). Method and options stay."""
+        return replace(self.with_ranks(ranks, allocation), target_retention=target_retention)
+
+    def with_method(self, method: str) -> CompressionPlan:
+        """The same ranks by another method; the options are kept where the new method takes them."""
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+        options = {k: v for k, v in self.options.items() if k in METHOD_OPTIONS[method]}
+        return replace(self, method=method, options=options)
 
     # -- accounting ---------------------------------------------------------------------------------
     @property
