@@ -15,7 +15,32 @@ from sigmascale_core.methods import loss_curve, scaled_spectrum
 from sigmascale_core.models import bundled_model_dir, get_module, load_model
 from sigmascale_core.pipeline import CalibrationConfig, calibrate
 
-WORDS = ["the", "of", "and", "a", "to", "in", "is", "was", "he", "for", "it", "with", "as", "his", "on", "be", "at", "by", "this", "had", "not", "are", "but", "from"]
+WORDS = [
+    "the",
+    "of",
+    "and",
+    "a",
+    "to",
+    "in",
+    "is",
+    "was",
+    "he",
+    "for",
+    "it",
+    "with",
+    "as",
+    "his",
+    "on",
+    "be",
+    "at",
+    "by",
+    "this",
+    "had",
+    "not",
+    "are",
+    "but",
+    "from",
+]
 
 
 def write_text(path, seed):

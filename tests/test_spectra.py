@@ -1,4 +1,5 @@
-"""spectra.py: the cached spectra/loss curves and the live plan numbers, against direct recomputation."""
+"""spectra.py and bank.py: the cached spectra/loss curves and the live plan numbers, against direct
+recomputation."""
 
 import numpy as np
 import pytest
@@ -7,6 +8,7 @@ from tiny import VOCAB, tiny_model
 
 from sigmascale_core import spectra
 from sigmascale_core.allocation import allocate_ranks, max_rank
+from sigmascale_core.bank import SpectraBank, reference_rank
 from sigmascale_core.calibration import collect_stats, stats_key
 from sigmascale_core.methods import decompose, loss_curve, scaled_spectrum
 from sigmascale_core.metrics import activation_loss, effective_rank, participation_ratio
@@ -37,32 +39,48 @@ def cache(tmp_path, monkeypatch):
 
 def build_bank(setup):
     _, stats, heldout, refs, weights, key, total = setup
-    computed = spectra.precompute(key, refs, weights, stats, heldout)
-    return spectra.SpectraBank(refs, computed, total)
+    bank = SpectraBank(refs, total)
+    for group in spectra.layers_of(refs).values():
+        for name, by_method in spectra.compute_layer(key, group, weights, stats, heldout).items():
+            bank.set_cheap(name, by_method)
+    return bank
 
 
-def test_precompute_caches_per_layer_and_recomputes_corrupt_files(setup, cache):
+def test_layer_files_are_cached_and_corrupt_or_foreign_ones_are_not_trusted(setup, cache):
     _, stats, heldout, refs, weights, key, _ = setup
-    calls = []
-    first = spectra.precompute(key, refs, weights, stats, heldout, progress=lambda *a: calls.append(a))
-    assert calls[-1] == (2, 2, "spectra")
+    groups = spectra.layers_of(refs)
+    first = {
+        n: s
+        for g in groups.values()
+        for n, s in spectra.compute_layer(key, g, weights, stats, heldout).items()
+    }
     files = sorted((cache / "spectra").glob("*.safetensors"))
     assert [f.name for f in files] == [f"{key.digest}-L000.safetensors", f"{key.digest}-L001.safetensors"]
-    assert spectra.missing_layers(key, refs) == []
-    # cached: nothing is recomputed (no weights or stats are even needed)
-    again = spectra.precompute(key, refs, {}, {}, {})
-    for name in first:
+    again = spectra.load_layer(key, groups[0])
+    for name in again:
         for method in spectra.CHEAP_METHODS:
             np.testing.assert_array_equal(first[name][method].sigma, again[name][method].sigma)
-    # a truncated file and a file written for another key are both recomputed
-    files[0].write_bytes(files[0].read_bytes()[:-50])
+    # a truncated file, a flipped bit and a file written for another key are all refused
     other = spectra.SpectraKey.build("fp-other", {"text": "a"}, {"text": "b"})
-    assert spectra.missing_layers(key, refs) == [0]
-    assert spectra.missing_layers(other, refs) == [0, 1]
-    with pytest.raises(KeyError):  # layer 0 must be recomputed and there is nothing to compute it from
-        spectra.precompute(key, refs, {}, {}, {})
-    spectra.precompute(key, refs, weights, stats, heldout)
-    assert spectra.missing_layers(key, refs) == []
+    assert spectra.load_layer(other, groups[0]) is None
+    raw = bytearray(files[1].read_bytes())
+    raw[-3] ^= 0x04
+    files[1].write_bytes(bytes(raw))
+    assert spectra.load_layer(key, groups[1]) is None
+    files[0].write_bytes(files[0].read_bytes()[:-50])
+    assert spectra.load_layer(key, groups[0]) is None
+
+
+def test_weights_spectra_need_no_statistics(setup, cache):
+    _, _, _, refs, weights, _, _ = setup
+    group = spectra.layers_of(refs)[1]
+    sigmas = spectra.compute_weights_layer("fp-tiny", group, weights)
+    for ref in group:
+        np.testing.assert_allclose(
+            sigmas[ref.name], scaled_spectrum(weights[ref.name], None, "svd").numpy(), rtol=1e-12
+        )
+    assert spectra.load_weights_layer("fp-tiny", group).keys() == sigmas.keys()
+    assert spectra.load_weights_layer("fp-other", group) is None
 
 
 def test_cached_spectra_and_curves_equal_the_engine(setup, cache):
@@ -116,7 +134,7 @@ def test_live_numbers_match_an_independent_recomputation(setup, cache):
 def test_full_spectrum_measures(setup, cache):
     _, stats, _, refs, weights, _, _ = setup
     bank = build_bank(setup)
-    er, pr = spectra.effective_ranks(bank, "asvd"), spectra.participation_ratios(bank, "asvd")
+    er, pr = bank.effective_ranks("asvd"), bank.participation_ratios("asvd")
     for i, ref in enumerate(refs):
         sigma = scaled_spectrum(weights[ref.name], stats[stats_key(ref.layer, ref.group)], "asvd")
         assert er[i] == pytest.approx(effective_rank(sigma), rel=1e-9)
@@ -155,20 +173,19 @@ def test_loss_curves_feed_the_allocator(setup, cache):
         assert a.parameter_retention > retention - 0.02  # the budget is spent, not wasted
 
 
-def test_sigmascale_is_learned_per_matrix_cached_and_falls_back_to_asvd(setup, cache):
+def test_sigmascale_is_learned_per_matrix_cached_and_never_stands_in_for_another_method(setup, cache):
     _, stats, heldout, refs, weights, key, _ = setup
     bank = build_bank(setup)
     ref = refs[0]
-    rank = spectra.reference_rank(ref.shape)
+    rank = reference_rank(ref.shape, 0.75)
     ranks = bank.ranks_for_retention(0.5)
     before = bank.evaluate(ranks, "sigmascale")
-    np.testing.assert_array_equal(
-        before.loss["calibration"], bank.evaluate(ranks, "asvd").loss["calibration"]
-    )
+    assert not before.ready.any() and np.isnan(before.loss["calibration"]).all()
     assert bank.spectrum(ref.name, "sigmascale") is None
     s, h = stats[stats_key(ref.layer, ref.group)], heldout[stats_key(ref.layer, ref.group)]
     learned = spectra.learn_sigmascale(key, ref, weights[ref.name], s, h, rank)
     assert spectra.sigmascale_path(key, ref.name, rank).is_file()
+    assert spectra.learned_files(key) == {spectra.slug(ref.name): [rank]}
     np.testing.assert_array_equal(spectra.load_sigmascale(key, ref, rank).sigma, learned.sigma)
     # the learned curve at its own rank is the loss of SigmaScale's factors there, never worse than ASVD's
     factors = decompose(weights[ref.name].double(), s, rank, "sigmascale")
@@ -178,10 +195,26 @@ def test_sigmascale_is_learned_per_matrix_cached_and_falls_back_to_asvd(setup, c
     assert (
         learned.loss["calibration"][rank] <= bank.spectrum(ref.name, "asvd").loss["calibration"][rank] + 1e-12
     )
-    bank.add_sigmascale(ref.name, learned)
+    bank.set_learned(ref.name, learned)
     after = bank.evaluate(ranks, "sigmascale")
+    assert after.ready.tolist() == [True] + [False] * (len(refs) - 1)
     assert after.loss["calibration"][0] == pytest.approx(learned.loss["calibration"][ranks[0]])
-    np.testing.assert_array_equal(after.loss["calibration"][1:], before.loss["calibration"][1:])
+    assert after.mean_loss("calibration") == pytest.approx(learned.loss["calibration"][ranks[0]])
+    # a second variant learned at another rank serves the plans near it
+    other_rank = max(1, rank // 4)
+    second = spectra.learn_sigmascale(key, ref, weights[ref.name], s, h, other_rank)
+    bank.set_learned(ref.name, second)
+    near = ranks.copy()
+    near[0] = other_rank
+    numbers = bank.evaluate(near, "sigmascale")
+    assert numbers.learned_rank[0] == other_rank
+    assert numbers.loss["calibration"][0] == pytest.approx(second.loss["calibration"][other_rank])
+    far = ranks.copy()
+    far[0] = rank
+    assert not bank.evaluate(far, "sigmascale").approximate[0]
+    far[0] = min(int(bank.full_rank[0]) - 1, rank * 3)
+    if not bank.evaluate(far, "sigmascale").dense[0]:
+        assert bank.evaluate(far, "sigmascale").approximate[0]
 
 
 def test_downsampling_keeps_both_ends():
