@@ -160,7 +160,8 @@ legend = alt.selection_point(fields=["method"], bind="legend")
 
 
 def _lines(frame: pd.DataFrame, y: str, title: str, log: bool, x_title: str = "index i") -> alt.Chart:
-    scale = alt.Scale(type="log") if log else alt.Scale()
+    # log axes end at the data (a relative loss tops out at 1: no "nice" decade up to 10)
+    scale = alt.Scale(type="log", nice=False) if log else alt.Scale()
     axis = LOG_AXIS if log else alt.Axis()
     return (
         alt.Chart(frame)

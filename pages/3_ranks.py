@@ -222,6 +222,8 @@ def pending_note(numbers, method: str) -> str:
 
 @st.fragment(run_every=2.0 if snap.working else None)
 def live(save_slot) -> None:
+    if svc.snapshot().working != snap.working:  # the background work started or ended: redraw it all
+        st.rerun()
     controls()
     if message := st.session_state.pop("preset_error", None):
         st.error(f"Cannot allocate: {message}")

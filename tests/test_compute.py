@@ -89,8 +89,8 @@ def test_service_numbers_equal_a_direct_recomputation(config, cache):
     bank = snap.bank
     assert all(stage.complete for stage in snap.stages.values())
     loaded = load_model(config.model)
-    cal, _ = calibrate(loaded, config.calibration)  # the file the service saved: same key, same stats
-    held, _ = calibrate(loaded, config.heldout)
+    cal, _ = calibrate(loaded, config.calibration, use_cache=False)  # one split per sweep, not from cache
+    held, _ = calibrate(loaded, config.heldout, use_cache=False)
     for name in (bank.names[0], bank.names[-1]):
         ref = bank.refs[bank.index[name]]
         W = get_module(loaded.model, name).weight.detach()
@@ -159,3 +159,21 @@ def test_a_second_process_waits_and_reads_what_the_first_computes(config, cache)
     assert snap.bank.ready("svdllm").all()
     leader.stop()
     follower.stop()
+
+
+def test_a_relearn_at_a_new_rank_serves_plans_near_it(config, cache):
+    service, snap = run_to_end(config)
+    bank = snap.bank
+    i = 0
+    name = bank.names[i]
+    learned_at = next(iter(bank.learned[name]))
+    new_rank = max(1, learned_at // 4)
+    ranks = bank.ranks_for_retention(0.75)
+    ranks[i] = new_rank
+    assert bank.evaluate(ranks, "sigmascale").approximate[i]  # far from where it was learned
+    assert service.request_learned([(name, new_rank)]) == 1
+    assert service.request_learned([(name, new_rank)]) == 0  # queued once
+    service.wait_until(lambda s: new_rank in s.bank.learned[name], timeout=120)
+    numbers = bank.evaluate(ranks, "sigmascale")
+    assert numbers.learned_rank[i] == new_rank and not numbers.approximate[i]
+    service.stop()

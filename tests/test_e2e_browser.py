@@ -1,7 +1,9 @@
 """End to end in a real browser: Debian's chromium driven by Playwright against `streamlit run app.py`.
 
-Opens every page, edits a retention in the Ranks table and sees the totals change, picks the svd method,
-starts a small run on the Run page and waits for it to finish. Screenshots of every step are saved under
+Opens every page while the compute service works (each page paints at once and shows its progress),
+sees the Spectra page fill in by itself, edits a retention in the Ranks table and sees the totals
+change, picks the svd method, uses a preset and Undo, starts a small run on the Run page and waits for
+it to finish; a second browser tab sees the same progress. Screenshots of every step are saved under
 $SIGMASCALE_E2E_ARTIFACTS (default build/e2e/), for CI to keep as artefacts.
 
 The app runs on a tiny random Llama (with the bundled tokenizer) and small file: texts, with its own
@@ -208,17 +210,28 @@ def metric_value(page, label: str):
 def test_every_page_then_an_edit_then_a_run(server, page):
     page.goto(server["base"])
     page.get_by_role("heading", name="Model & data").wait_for(timeout=60_000)
-    expect(page.get_by_role("button", name="Load & calibrate")).to_be_visible()
+    expect(page.get_by_role("button", name="Apply")).to_be_visible()
+    # the background work shows its progress at once, and fills in without a click
+    expect(page.get_by_text("spectra of W").first).to_be_visible(timeout=60_000)
     shot(page, "1_model")
 
-    nav(page, "Spectra")  # calibrates and computes the spectra on first visit
+    second = page.context.new_page()  # another tab on the same server sees the same service
+    second.goto(f"{server['base']}/spectra")
+    second.get_by_role("heading", name="Spectra").wait_for(timeout=60_000)
+    second.get_by_text("Overview: layers × matrices").wait_for(timeout=120_000)
+    shot(second, "2_spectra_second_tab")
+
+    nav(page, "Spectra")  # fills in by itself as the service finishes: no button
     page.get_by_text("Overview: layers × matrices").wait_for(timeout=180_000)
-    expect(page.locator(".vega-embed")).to_have_count(5, timeout=60_000)
+    expect(page.locator(".vega-embed")).to_have_count(5, timeout=180_000)
+    expect(page.get_by_text("learned (SigmaScale)").first).to_be_visible(timeout=180_000)
     shot(page, "2_spectra")
+    second.close()
 
     nav(page, "Ranks")
-    retention = metric_value(page, "Parameter retention")
+    retention = metric_value(page, "Params kept")
     expect(retention).to_have_text("73.75%", timeout=60_000)
+    settle(page)
     shot(page, "3_ranks_before")
     # edit layer 0's q retention in the table (a canvas grid): select the cell, open it, type, commit
     grid = page.locator('[data-testid="stDataFrame"]').first
@@ -235,15 +248,18 @@ def test_every_page_then_an_edit_then_a_run(server, page):
     expected = f"{server['q_at_0.2']:.2%}"
     expect(retention).to_have_text(expected, timeout=20_000)
     settle(page)
+    expect(page.get_by_role("button", name="Undo")).to_be_enabled()  # at once, from the edit's own rerun
     shot(page, "3_ranks_edited")
     # a preset changes it again: uniform at the slider's retention
     page.locator('[data-testid="stSelectbox"]').filter(has_text="Method").click()
     page.get_by_role("option", name="svd", exact=True).click()
     settle(page)
-    page.get_by_role("button", name="Uniform preset").click()
+    page.get_by_role("button", name="Uniform", exact=True).click()
     expect(retention).to_have_text("73.75%", timeout=20_000)
     settle(page)
-    page.get_by_role("button", name="Undo").click()
+    undo = page.get_by_role("button", name="Undo")
+    expect(undo).to_be_enabled(timeout=20_000)
+    undo.click()
     expect(retention).to_have_text(expected, timeout=20_000)
     shot(page, "3_ranks_after")
 
