@@ -538,7 +538,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from transformers.utils import logging as hf_logging
+
     args = build_parser().parse_args(argv)
+    hf_logging.disable_progress_bar()  # our events show progress; loader bars would bury a refusal
     try:
         with contextlib.ExitStack() as stack:
             args.events = _events(args, stack)
