@@ -61,7 +61,7 @@ def _load(args: argparse.Namespace):
     return load_model(args.model, device=args.device, dtype=DTYPES[args.dtype])
 
 
-def _tqdm_sink() -> EventSink:
+def tqdm_sink() -> EventSink:
     """Draws each stage's ProgressEvents as a tqdm bar on stderr."""
     from tqdm import tqdm
 
@@ -101,8 +101,8 @@ def _events(args: argparse.Namespace, stack: contextlib.ExitStack) -> EventSink:
     """tqdm bars on stderr, and with --progress-json the events as JSON lines (no bars for "-")."""
     target = getattr(args, "progress_json", None)
     if target is None:
-        return _tqdm_sink()
-    sinks = [_json_sink(target, stack)] + ([] if target == "-" else [_tqdm_sink()])
+        return tqdm_sink()
+    sinks = [_json_sink(target, stack)] + ([] if target == "-" else [tqdm_sink()])
 
     def both(event: ProgressEvent) -> None:
         for sink in sinks:
@@ -229,8 +229,11 @@ def cmd_compress(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from sigmascale_core.pipeline import evaluate_perplexity, peak_memory
+    from sigmascale_core.pipeline import check_positive, evaluate_perplexity, peak_memory
 
+    check_positive("--batch-size", args.batch_size)
+    for flag in ("limit", "window", "max_eval_tokens"):
+        check_positive(f"--{flag.replace('_', '-')}", getattr(args, flag), optional=True)
     tasks = [t for t in args.tasks.split(",") if t]
     zero_shot = [t for t in tasks if t != "ppl"]
     if zero_shot:
@@ -362,9 +365,11 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _calibration_args(p: argparse.ArgumentParser) -> None:
+    from sigmascale_core.pipeline import DEFAULT_CALIBRATION_TEXT
+
     p.add_argument(
         "--text",
-        default="boolq:calibration",
+        default=DEFAULT_CALIBRATION_TEXT,
         help="calibration text: boolq:calibration, file:PATH or hf:NAME:CONFIG:SPLIT (default: %(default)s)",
     )
     p.add_argument("--samples", type=int, default=32, help="calibration sequences (default: %(default)s)")
@@ -409,7 +414,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from sigmascale_core.pipeline import ALLOCATIONS
+    from sigmascale_core.pipeline import ALLOCATIONS, DEFAULT_EVALUATION_TEXTS
 
     parser = argparse.ArgumentParser(
         prog="sigmascale", description="Compress LLMs by truncated SVD with learned scaling."
@@ -507,7 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
         "arc_challenge, openbookqa (default: %(default)s)",
     )
     p.add_argument(
-        "--text", default="boolq:evaluation,lambada", help="comma-separated evaluation texts for ppl"
+        "--text", default=",".join(DEFAULT_EVALUATION_TEXTS), help="comma-separated evaluation texts for ppl"
     )
     p.add_argument("--limit", type=int, default=None, help="zero-shot: the first N items of each task")
     p.add_argument(

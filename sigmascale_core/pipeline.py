@@ -23,7 +23,14 @@ from sigmascale_core.methods import METHODS
 from sigmascale_core.models import LoadedModel, load_model, target_matrices, tokenizer_fingerprint
 from sigmascale_core.perplexity import perplexity
 from sigmascale_core.plan import CompressionPlan, check_options
-from sigmascale_core.probing import NESTED_METHODS, ProbeConfig, calibration_side_batch, probe
+from sigmascale_core.probing import (
+    DEFAULT_CALIBRATION_TEXT,
+    DEFAULT_EVALUATION_TEXTS,
+    NESTED_METHODS,
+    ProbeConfig,
+    calibration_side_batch,
+    probe,
+)
 from sigmascale_core.progress import EventSink, Progress, tracked
 from sigmascale_core.stats import ActivationStats
 from sigmascale_core.surgery import (
@@ -41,13 +48,12 @@ from sigmascale_core.text import (
     token_stream,
 )
 
-DEFAULT_CALIBRATION_TEXT = "boolq:calibration"
-DEFAULT_EVALUATION_TEXTS = ("boolq:evaluation", "lambada")
 ALLOCATIONS = ("uniform", *STRATEGIES)  # uniform retention per matrix, or a budget spent by allocation.py
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _positive(name: str, value: object, optional: bool = False) -> None:
+def check_positive(name: str, value: object, optional: bool = False) -> None:
+    """ValueError unless `value` is an int ≥ 1 (or None, when `optional`); `name` is the flag."""
     if optional and value is None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -64,7 +70,7 @@ class CalibrationConfig:
 
     def __post_init__(self) -> None:
         for name in ("samples", "seq_len", "batch_size"):
-            _positive(f"--{name.replace('_', '-')}", getattr(self, name), optional=name == "seq_len")
+            check_positive(f"--{name.replace('_', '-')}", getattr(self, name), optional=name == "seq_len")
 
     def resolved_seq_len(self, device: torch.device) -> int:
         return self.seq_len or (2048 if device.type == "cuda" else 512)
@@ -363,7 +369,7 @@ def check_config(config: CompressionConfig) -> CompressionPlan | None:
     options, the plan file, the texts, the output folder. Returns the plan read from config.plan."""
     config.calibration  # noqa: B018 (its constructor checks samples, seq_len, batch_size)
     for name in ("finetune_seq_len", "window", "max_eval_tokens"):
-        _positive(f"--{name.replace('_', '-')}", getattr(config, name), optional=True)
+        check_positive(f"--{name.replace('_', '-')}", getattr(config, name), optional=True)
     if isinstance(config.finetune_steps, bool) or not isinstance(config.finetune_steps, int):
         raise ValueError(f"--finetune-steps must be an integer, got {config.finetune_steps!r}")
     if config.finetune_steps < 0:

@@ -64,8 +64,10 @@ TABLE_VERSION = 1
 METRICS = ("perplexity", "relative_loss")
 DEFAULT_RETENTIONS: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 PROXY_RETENTIONS: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 20))  # 0.05 … 0.95
-DEFAULT_PROBE_TEXT = "boolq:calibration"
-DEFAULT_EVALUATION_TEXTS: tuple[str, ...] = ("boolq:evaluation", "lambada")  # = pipeline's defaults
+# The default texts, defined once here (pipeline, CLI and bench import them): calibration and probing
+# read the calibration half of BoolQ; evaluation is the other half and LAMBADA.
+DEFAULT_CALIBRATION_TEXT = "boolq:calibration"
+DEFAULT_EVALUATION_TEXTS: tuple[str, ...] = ("boolq:evaluation", "lambada")
 NESTED_METHODS = ("svd", "asvd", "svdllm")  # scaling independent of the rank: rank-k factors nest
 
 
@@ -486,7 +488,7 @@ def proxy_sensitivity(
 
 @dataclass(frozen=True)
 class ProbeConfig:
-    text: str = DEFAULT_PROBE_TEXT  # calibration-side text spec; checked against `evaluation`
+    text: str = DEFAULT_CALIBRATION_TEXT  # calibration-side text spec; checked against `evaluation`
     samples: int = 4  # probing sequences
     seq_len: int = 256  # tokens per sequence
     seed: int = 1  # which windows are drawn (calibration's default seed is 0: different windows)
