@@ -9,13 +9,14 @@ and its wall time. Produces the README's results tables.
         --finetune-steps 100 --tasks piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa \
         --limit 200 --out bench/results/results_table.json
 
-Calibration (boolq:calibration, 32 samples × 512 tokens on CPU / 2048 on GPU, seed 0) is computed
-once and shared (cached under cache/); allocated plans spend the uniform plan's parameter budget on a
-perplexity probe of calibration-side text (cached; svdllm's for sigmascale plans, see
-pipeline.probe_config_for); a fine-tuned row continues from the row above it (same compressed model,
-then distilled). Each (retention, method, allocation) compresses a fresh copy of the dense model.
-Evaluation texts are disjoint from calibration, probing and fine-tuning text (checked). The JSON is
-rewritten after every row; `--deadline` stops starting rows after that many seconds.
+Each row is one `pipeline.run_compression` (the CLI's compress) from the dense model: calibration
+(boolq:calibration, 32 samples × 512 tokens on CPU / 2048 on GPU, seed 0) is computed once and then
+read from cache/; allocated plans spend the uniform plan's parameter budget on a perplexity probe of
+calibration-side text (cached; svdllm's for sigmascale plans, see pipeline.probe_config_for); a
+fine-tuned row compresses the same way (deterministic: the model of the row above it), then distils.
+Evaluation texts are disjoint from calibration, probing and fine-tuning text (checked). Each row's
+model is saved to a temporary folder (zero-shot reads it back) and removed. The JSON is rewritten after
+every row; `--deadline` stops starting rows after that many seconds.
 
 A whole table takes hours on a CPU, so it can be built over several sittings: `--resume` reads --out,
 keeps its rows and measures only the missing ones (a row is method, retention, allocation,
@@ -27,31 +28,28 @@ tokens, tasks, limit, probe, calibration): those would not be comparable. Withou
 from __future__ import annotations
 
 import argparse
-import copy
 import json
+import tempfile
 import time
 from pathlib import Path
 
 from sigmascale_core.artifacts import write_json_atomic
+from sigmascale_core.cli import tqdm_sink
 from sigmascale_core.methods import METHODS
-from sigmascale_core.models import load_model
+from sigmascale_core.models import BUNDLED_MODEL, load_model
 from sigmascale_core.pipeline import (
     ALLOCATIONS,
     DEFAULT_EVALUATION_TEXTS,
     CalibrationConfig,
-    FinetuneConfig,
-    build_plan,
+    CompressionConfig,
     calibrate,
     check_texts,
     default_device,
     evaluate_perplexity,
-    finetune,
-    parameter_count,
     peak_memory,
-    probe_config_for,
+    run_compression,
 )
-from sigmascale_core.progress import tqdm_progress
-from sigmascale_core.surgery import compress
+from sigmascale_core.surgery import load_compressed
 
 SETTINGS = ("device", "texts", "max_eval_tokens", "tasks", "limit", "probe")  # what every row shares
 CALIBRATION_SETTINGS = ("model", "tokenizer", "text", "samples", "seq_len", "seed", "tokens")
@@ -147,42 +145,69 @@ def main() -> None:
         return
     if args.out.exists() and not args.resume:  # hours of rows: never overwritten by accident
         parser.error(f"{args.out} exists: --resume continues that table, or delete it to start over")
+    args.out.parent.mkdir(parents=True, exist_ok=True)  # the table, and each row's temporary model
     texts, tasks = names(args.texts), names(args.tasks)
     allocations = args.allocations.split(",")
     config = CalibrationConfig()
     check_texts(config.text, texts)
     began = time.perf_counter()
-    loaded = load_model(device=args.device)
-    dense = loaded.model
+    loaded = load_model(BUNDLED_MODEL, device=args.device)
     start = time.perf_counter()
-    stats, calibration = calibrate(loaded, config)
+    _, calibration = calibrate(loaded, config)  # once, for the resume check; rows read it from cache
     calibration["seconds"] = time.perf_counter() - start
     print(
         f"device {args.device}: calibration {calibration['tokens']} tokens, {calibration['seconds']:.1f}s "
         f"(cached={calibration['cached']})",
         flush=True,
     )
-    windows = (config.text, config.samples, int(calibration["seq_len"]), config.seed)
     before = resumed_table(args.out, args, calibration) if args.resume and args.out.exists() else {}
     rows: list[dict] = before.get("rows", [])
     done = {row_key(row) for row in rows}
     if rows:
         print(f"resuming {args.out}: {len(rows)} rows measured before", flush=True)
     skipped: list[str] = []
+    tokenizer = loaded.tokenizer
 
-    def evaluate(row: dict) -> dict:
-        row["perplexity"] = evaluate_perplexity(loaded, texts, max_tokens=args.max_eval_tokens)
-        if tasks:
-            from sigmascale_core.zeroshot import evaluate_tasks
+    def zero_shot(model) -> dict:
+        from sigmascale_core.zeroshot import evaluate_tasks
 
-            zero = evaluate_tasks(loaded.model, loaded.tokenizer, tasks, limit=args.limit)
-            for task in zero["tasks"].values():
-                task.pop("items", None)
-            row["zero_shot"] = zero
+        zero = evaluate_tasks(model, tokenizer, tasks, limit=args.limit)
+        for task in zero["tasks"].values():
+            task.pop("items", None)
+        return zero
+
+    def compressed_row(measured: dict, finetune_steps: int) -> dict:
+        """One run_compression of the dense model: the row's numbers from its report."""
+        with tempfile.TemporaryDirectory(dir=args.out.parent, prefix=".model_table.") as scratch:
+            config = CompressionConfig(
+                out=str(Path(scratch) / "model"),
+                model=BUNDLED_MODEL,
+                device=args.device,
+                method=measured["method"],
+                retention=measured["retention"],
+                allocation=measured["allocation"],
+                probe=args.probe,
+                finetune_steps=finetune_steps,
+                evaluation=tuple(texts),
+                max_eval_tokens=args.max_eval_tokens,
+            )
+            report = run_compression(config, tqdm_sink())
+            row = {
+                **measured,
+                "finetune_steps": finetune_steps,
+                "parameter_retention": report["parameter_retention"],
+                "model_retention": report["model_retention"],
+                "probe_seconds": report.get("probe", {}).get("seconds"),
+                "compress_seconds": report["compress_seconds"],
+                "perplexity": report["perplexity"],
+            }
+            if finetune_steps:
+                row["finetune"] = report["finetune"]
+            if tasks:
+                row["zero_shot"] = zero_shot(load_compressed(config.out, device=args.device)[0])
         return row
 
     def save() -> None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(
             {
                 "args": {k: str(v) for k, v in vars(args).items()},
@@ -203,52 +228,25 @@ def main() -> None:
     dense_row = {"method": "dense", "retention": 1.0}
     if not args.no_dense and row_key(dense_row) not in done:
         started = time.perf_counter()
-        record(evaluate(dense_row), started)
-    total = parameter_count(dense)
+        dense_row["perplexity"] = evaluate_perplexity(loaded, texts, max_tokens=args.max_eval_tokens)
+        if tasks:
+            dense_row["zero_shot"] = zero_shot(loaded.model)
+        record(dense_row, started)
+    del loaded  # each row loads its own dense copy
     for retention in map(float, args.retentions.split(",")):
         for method in args.methods.split(","):
             for allocation in allocations:
-                what = f"{method} {retention} {allocation}"
                 measured = {"method": method, "retention": retention, "allocation": allocation}
-                base = row_key({**measured, "finetune_steps": 0})
-                tuned_key = row_key({**measured, "finetune_steps": args.finetune_steps})
-                if base in done and (not args.finetune_steps or tuned_key in done):
-                    continue
-                if args.deadline is not None and time.perf_counter() - began > args.deadline:
-                    skipped.append(what)
-                    print(f"skipped (deadline): {what}", flush=True)
-                    continue
-                started = time.perf_counter()
-                loaded.model = copy.deepcopy(dense)
-                probe_config = probe_config_for(method, config.text, texts, args.probe == "proxy")
-                plan, planning = build_plan(
-                    loaded,
-                    stats,
-                    retention,
-                    method,
-                    None,
-                    allocation,
-                    probe_config,
-                    windows,
-                    tqdm_progress("probe"),
-                )
-                compress(loaded.model, plan, stats, progress=tqdm_progress("compress"))
-                row = {
-                    **measured,
-                    "finetune_steps": 0,
-                    "parameter_retention": plan.parameter_retention(),
-                    "model_retention": plan.model_retention(total),
-                    "probe_seconds": planning.get("probe", {}).get("seconds"),
-                    "compress_seconds": time.perf_counter() - started,
-                }
-                if base not in done:
-                    record(evaluate(row), started)
-                if args.finetune_steps and tuned_key not in done:
+                for steps in dict.fromkeys((0, args.finetune_steps)):
+                    what = f"{method} {retention} {allocation} fine-tune {steps}"
+                    if row_key({**measured, "finetune_steps": steps}) in done:
+                        continue
+                    if args.deadline is not None and time.perf_counter() - began > args.deadline:
+                        skipped.append(what)
+                        print(f"skipped (deadline): {what}", flush=True)
+                        continue
                     started = time.perf_counter()
-                    tuned = {**row, "finetune_steps": args.finetune_steps}
-                    ft = FinetuneConfig(steps=args.finetune_steps, text=config.text)
-                    tuned["finetune"] = finetune(loaded, dense, ft, texts, tqdm_progress("finetune"))
-                    record(evaluate(tuned), started)
+                    record(compressed_row(measured, steps), started)
     save()  # the rows the deadline skipped
     print(markdown(sorted(rows, key=table_order), texts, tasks))
     print(json.dumps({"seconds": time.perf_counter() - began, **peak_memory()}))

@@ -7,47 +7,30 @@ are written atomically, so an interrupted run leaves nothing half-written).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from sigmascale_core.methods import METHOD_OPTIONS, METHODS, decompose, loss_curve, scaled_spectrum
+from sigmascale_core.methods import METHODS, decompose, loss_curve, scaled_spectrum
 from sigmascale_core.metrics import (
     activation_loss,
     effective_rank,
     participation_ratio,
     rank_for_retention,
 )
-from sigmascale_core.progress import tqdm_progress
+from sigmascale_core.progress import EventSink, Progress, ProgressEvent, tracked
 from sigmascale_core.stats import ActivationStats
+
+if TYPE_CHECKING:
+    from sigmascale_core.pipeline import CompressionConfig
 
 # --------------------------------------------------------------------------------------------------
 # helpers
-
-
-def _parse_options(pairs: list[str], method: str) -> dict[str, object]:
-    """--option key=value pairs, typed by the method's defaults."""
-    defaults = METHOD_OPTIONS[method]
-    options: dict[str, object] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise ValueError(f"--option takes key=value, got {pair!r}")
-        if key not in defaults:
-            raise ValueError(
-                f"unknown option {key!r} for {method}; it takes: {', '.join(defaults) or 'none'}"
-            )
-        kind = type(defaults[key])
-        try:
-            options[key] = kind(value) if kind is not str else value
-        except ValueError:
-            raise ValueError(f"option {key} expects {kind.__name__}, got {value!r}") from None
-    return options
 
 
 def _retention(text: str) -> float:
@@ -72,9 +55,64 @@ def _write_json(obj: object, path: Path | None) -> None:
 
 def _load(args: argparse.Namespace):
     from sigmascale_core.models import load_model
+    from sigmascale_core.pipeline import DTYPES, check_device
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    return load_model(args.model, device=args.device, dtype=dtype)
+    check_device(args.device)
+    return load_model(args.model, device=args.device, dtype=DTYPES[args.dtype])
+
+
+def tqdm_sink() -> EventSink:
+    """Draws each stage's ProgressEvents as a tqdm bar on stderr."""
+    from tqdm import tqdm
+
+    bars: dict[str, tqdm] = {}
+
+    def draw(event: ProgressEvent) -> None:
+        bar = bars.get(event.stage)
+        if bar is None or bar.total != event.total:
+            if bar is not None:
+                bar.close()
+            bar = bars[event.stage] = tqdm(total=event.total, desc=event.stage, leave=False, file=sys.stderr)
+        bar.n = event.done
+        bar.set_postfix_str(event.detail, refresh=False)
+        bar.refresh()
+        if event.done >= event.total:
+            bar.close()
+            del bars[event.stage]
+
+    return draw
+
+
+def _json_sink(target: str, stack: contextlib.ExitStack) -> EventSink:
+    """Writes ProgressEvents as JSON lines to `target` (a file, appended, opened at the first event, so
+    a refused run writes nothing) or to stderr for "-"; each line flushed as it is written."""
+    streams: list = []
+
+    def write(event: ProgressEvent) -> None:
+        if not streams:
+            streams.append(sys.stderr if target == "-" else stack.enter_context(open(target, "a")))  # noqa: SIM115
+        streams[0].write(event.to_json() + "\n")
+        streams[0].flush()
+
+    return write
+
+
+def _events(args: argparse.Namespace, stack: contextlib.ExitStack) -> EventSink:
+    """tqdm bars on stderr, and with --progress-json the events as JSON lines (no bars for "-")."""
+    target = getattr(args, "progress_json", None)
+    if target is None:
+        return tqdm_sink()
+    sinks = [_json_sink(target, stack)] + ([] if target == "-" else [tqdm_sink()])
+
+    def both(event: ProgressEvent) -> None:
+        for sink in sinks:
+            sink(event)
+
+    return both
+
+
+def _progress(args: argparse.Namespace, stage: str) -> Progress:
+    return tracked(args.events, stage)
 
 
 def _calibration_config(args: argparse.Namespace):
@@ -112,8 +150,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def cmd_calibrate(args: argparse.Namespace) -> None:
     from sigmascale_core.pipeline import calibrate
 
+    config = _calibration_config(args)
     loaded = _load(args)
-    stats, info = calibrate(loaded, _calibration_config(args), progress=tqdm_progress("calibration"))
+    stats, info = calibrate(loaded, config, progress=_progress(args, "calibration"))
     info["groups"] = len(stats)
     _write_json(info, args.report)
 
@@ -135,10 +174,11 @@ def cmd_probe(args: argparse.Namespace) -> None:
 
     evaluation = [t for t in args.eval.split(",") if t]
     config = _probe_config(args, args.probe_method or "svdllm", evaluation)
+    calibration = _calibration_config(args)
     loaded = _load(args)
-    stats, info = calibrate(loaded, _calibration_config(args), progress=tqdm_progress("calibration"))
+    stats, info = calibrate(loaded, calibration, progress=_progress(args, "calibration"))
     table, probe_info = probe(
-        loaded, stats, config, calibration=_calibration_windows(args, info), progress=tqdm_progress("probe")
+        loaded, stats, config, calibration=_calibration_windows(args, info), progress=_progress(args, "probe")
     )
     if args.out is not None:
         table.save(args.out)
@@ -146,108 +186,54 @@ def cmd_probe(args: argparse.Namespace) -> None:
     _write_json({"calibration": info, "probe": probe_info, **peak_memory()}, args.report)
 
 
-def cmd_compress(args: argparse.Namespace) -> None:
-    import copy
+def compression_config(args: argparse.Namespace) -> CompressionConfig:
+    """The parsed `compress` arguments as the pipeline's config."""
+    from sigmascale_core.pipeline import CompressionConfig
+    from sigmascale_core.plan import parse_options
 
-    from sigmascale_core.pipeline import (
-        FinetuneConfig,
-        build_plan,
-        calibrate,
-        check_texts,
-        compress_sequential,
-        evaluate_perplexity,
-        finetune,
-        parameter_count,
-        peak_memory,
+    return CompressionConfig(
+        out=args.out,
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        method=args.method,
+        retention=args.retention,
+        plan=None if args.plan is None else str(args.plan),
+        options=parse_options(args.option, args.method),
+        allocation=args.allocation,
+        probe=args.probe,
+        probe_method=args.probe_method,
+        sequential=args.sequential,
+        text=args.text,
+        samples=args.samples,
+        seq_len=args.seq_len,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        finetune_steps=args.finetune_steps,
+        finetune_lr=args.finetune_lr,
+        finetune_seq_len=args.finetune_seq_len,
+        evaluation=tuple(t for t in (args.eval or "").split(",") if t),
+        window=args.window,
+        max_eval_tokens=args.max_eval_tokens,
+        force=args.force,
     )
-    from sigmascale_core.plan import CompressionPlan
-    from sigmascale_core.surgery import check_plan_matches, compress, save_compressed
 
-    out = Path(args.out)
-    if out.exists() and not args.force:
-        raise ValueError(f"--out {out} exists; pass --force to replace it")
-    if args.finetune_steps < 0:
-        raise ValueError(f"--finetune-steps must be ≥ 0, got {args.finetune_steps}")
-    if args.plan and args.allocation != "uniform":
-        raise ValueError("--allocation builds a plan; it cannot be combined with --plan")
-    evaluation = [t for t in (args.eval or "").split(",") if t]
-    check_texts(args.text, evaluation)
-    started = time.perf_counter()
-    loaded = _load(args)
-    total_before = parameter_count(loaded.model)
-    teacher = copy.deepcopy(loaded.model) if args.finetune_steps else None
-    stats, calibration, planning = None, None, {}
-    if not args.sequential or args.allocation != "uniform":  # the probe reads the dense model's stats
-        stats, calibration = calibrate(
-            loaded, _calibration_config(args), progress=tqdm_progress("calibration")
-        )
-    if args.plan:
-        plan = CompressionPlan.load(args.plan)
-        check_plan_matches(loaded.model, plan, loaded.fingerprint)
-    else:
-        if args.retention is None:
-            raise ValueError("give --retention R or --plan PLAN.json")
-        plan, planning = build_plan(
-            loaded,
-            stats,
-            args.retention,
-            args.method,
-            _parse_options(args.option, args.method),
-            args.allocation,
-            _probe_config(args, args.method, evaluation),
-            None if stats is None else _calibration_windows(args, calibration),
-            tqdm_progress("probe"),
-        )
-    start = time.perf_counter()
-    if args.sequential:
-        _, calibration = compress_sequential(
-            loaded, plan, _calibration_config(args), tqdm_progress("calibration")
-        )
-    else:
-        compress(loaded.model, plan, stats, progress=tqdm_progress("compress"))
-    report = {
-        "model": args.model,
-        "fingerprint": loaded.fingerprint,
-        "method": plan.method,
-        "options": plan.options,
-        "allocation": plan.allocation,
-        "target_retention": plan.target_retention,
-        "parameter_retention": plan.parameter_retention(),
-        "model_retention": plan.model_retention(total_before),
-        "calibration": calibration,
-        **planning,
-        "compress_seconds": time.perf_counter() - start,
-    }
 
-    def evaluate() -> dict:
-        return evaluate_perplexity(
-            loaded, evaluation, args.window, args.max_eval_tokens, progress=tqdm_progress("perplexity")
-        )
+def cmd_compress(args: argparse.Namespace) -> None:
+    from sigmascale_core.pipeline import run_compression
 
-    if teacher is not None:
-        if evaluation:
-            report["perplexity_before_finetune"] = evaluate()
-        config = FinetuneConfig(  # the calibration's text and window size, other windows (seed 2)
-            steps=args.finetune_steps,
-            lr=args.finetune_lr,
-            text=args.text,
-            samples=args.samples,
-            seq_len=args.finetune_seq_len or int(calibration["seq_len"]),
-        )
-        report["finetune"] = finetune(loaded, teacher, config, evaluation, tqdm_progress("finetune"))
-        del teacher
-    if evaluation:
-        report["perplexity"] = evaluate()
-    report["total_seconds"] = time.perf_counter() - started
-    report.update(peak_memory())
-    path = save_compressed(loaded.model, plan, out, loaded.tokenizer, report, force=args.force)
+    config = compression_config(args)
+    report = run_compression(config, args.events)
     print(json.dumps(report, indent=2))
-    print(f"saved the compressed model to {path}", file=sys.stderr)
+    print(f"saved the compressed model to {Path(config.out).resolve()}", file=sys.stderr)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from sigmascale_core.pipeline import evaluate_perplexity, peak_memory
+    from sigmascale_core.pipeline import check_positive, evaluate_perplexity, peak_memory
 
+    check_positive("--batch-size", args.batch_size)
+    for flag in ("limit", "window", "max_eval_tokens"):
+        check_positive(f"--{flag.replace('_', '-')}", getattr(args, flag), optional=True)
     tasks = [t for t in args.tasks.split(",") if t]
     zero_shot = [t for t in tasks if t != "ppl"]
     if zero_shot:
@@ -264,7 +250,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
             args.window,
             args.max_eval_tokens,
             args.batch_size,
-            progress=tqdm_progress("perplexity"),
+            progress=_progress(args, "perplexity"),
         )
     if zero_shot:
         if args.backend == "lm-eval":
@@ -279,7 +265,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
                 loaded.tokenizer,
                 zero_shot,
                 limit=args.limit,
-                progress=tqdm_progress("zero-shot"),
+                progress=_progress(args, "zero-shot"),
             )
         if not args.items:
             for task in results["tasks"].values():
@@ -292,11 +278,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def _load_any(args: argparse.Namespace):
     """A compressed output folder or anything load_model takes."""
     from sigmascale_core.models import LoadedModel, model_family, model_fingerprint
+    from sigmascale_core.pipeline import check_device
     from sigmascale_core.surgery import is_compressed_dir, load_compressed
 
     if is_compressed_dir(args.model):
         from transformers import AutoTokenizer
 
+        check_device(args.device)
         model, _plan = load_compressed(args.model, device=args.device)
         tokenizer = AutoTokenizer.from_pretrained(args.model)
         return LoadedModel(model, tokenizer, args.model, model_family(model), model_fingerprint(model))
@@ -308,13 +296,14 @@ def cmd_spectra(args: argparse.Namespace) -> None:
     from sigmascale_core.models import get_module, target_matrices
     from sigmascale_core.pipeline import calibrate
 
+    config = _calibration_config(args)
     loaded = _load(args)
     refs = [r for r in target_matrices(loaded.model) if r.layer == args.layer and r.kind == args.matrix]
     if not refs:
         n_layers = max(r.layer for r in target_matrices(loaded.model)) + 1
         raise ValueError(f"no matrix {args.matrix!r} in layer {args.layer} (the model has {n_layers} layers)")
     ref = refs[0]
-    stats, _ = calibrate(loaded, _calibration_config(args), progress=tqdm_progress("calibration"))
+    stats, _ = calibrate(loaded, config, progress=_progress(args, "calibration"))
     W = get_module(loaded.model, ref.name).weight.detach().float()
     layer_stats = stats[stats_key(ref.layer, ref.group)]
     rank = rank_for_retention(*ref.shape, args.retention)
@@ -367,12 +356,20 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         default="float32",
         help="weights dtype while working (default: %(default)s)",
     )
+    p.add_argument(
+        "--progress-json",
+        metavar="FILE",
+        help="also write progress events as JSON lines to FILE (appended), or to stderr for - "
+        "(instead of the bars)",
+    )
 
 
 def _calibration_args(p: argparse.ArgumentParser) -> None:
+    from sigmascale_core.pipeline import DEFAULT_CALIBRATION_TEXT
+
     p.add_argument(
         "--text",
-        default="boolq:calibration",
+        default=DEFAULT_CALIBRATION_TEXT,
         help="calibration text: boolq:calibration, file:PATH or hf:NAME:CONFIG:SPLIT (default: %(default)s)",
     )
     p.add_argument("--samples", type=int, default=32, help="calibration sequences (default: %(default)s)")
@@ -417,7 +414,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from sigmascale_core.pipeline import ALLOCATIONS
+    from sigmascale_core.pipeline import ALLOCATIONS, DEFAULT_EVALUATION_TEXTS
 
     parser = argparse.ArgumentParser(
         prog="sigmascale", description="Compress LLMs by truncated SVD with learned scaling."
@@ -515,7 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
         "arc_challenge, openbookqa (default: %(default)s)",
     )
     p.add_argument(
-        "--text", default="boolq:evaluation,lambada", help="comma-separated evaluation texts for ppl"
+        "--text", default=",".join(DEFAULT_EVALUATION_TEXTS), help="comma-separated evaluation texts for ppl"
     )
     p.add_argument("--limit", type=int, default=None, help="zero-shot: the first N items of each task")
     p.add_argument(
@@ -546,9 +543,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from transformers.utils import logging as hf_logging
+
     args = build_parser().parse_args(argv)
+    hf_logging.disable_progress_bar()  # our events show progress; loader bars would bury a refusal
     try:
-        args.run(args)
+        with contextlib.ExitStack() as stack:
+            args.events = _events(args, stack)
+            args.run(args)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

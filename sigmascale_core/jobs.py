@@ -2,31 +2,37 @@
 
 Starting a run writes runs/<id>/plan.json, spec.json and meta.json, then spawns a runner
 (`python -m sigmascale_core.jobs runs/<id>`) in its own session, so it outlives the app's reruns, page
-switches and closed tabs. The runner executes the run's steps, each a `sigmascale` CLI command whose
-stdout goes to a file in the folder and whose stderr (tqdm progress, errors) is appended to log.txt,
-and it is the only writer of meta.json while it lives. Every file is written atomically, and the CLI
-writes the compressed model atomically, so a crash or a cancel leaves nothing half-written.
+switches and closed tabs. The runner waits for one of SIGMASCALE_MAX_RUNS slots (default 1; the run
+stays "queued" meanwhile), then executes the run's steps, each a `sigmascale` CLI command whose stdout
+goes to a file in the folder, whose stderr (bars, errors) is appended to log.txt and whose progress
+events go to progress.jsonl (--progress-json); it is the only writer of meta.json while it lives.
+Every file is written atomically, and the CLI writes the compressed model atomically, so a crash or a
+cancel leaves nothing half-written.
 
     runs/<id>/
       spec.json        what was asked (RunSpec)
       plan.json        the CompressionPlan (compress runs)
       meta.json        status queued|running|done|failed|cancelled, timestamps, steps, error
       log.txt          the steps' stderr, in order
+      progress.jsonl   the steps' ProgressEvents, one JSON line each
       <step>.json      each step's JSON report
       report.json      the merged report (when done)
-      model/           the compressed model (compress runs)
+      model/           the compressed model (compress runs that are done)
 
 Cancel = a `cancel` marker plus SIGINT to the runner's process group: the CLI exits cleanly (130), the
-runner records `cancelled`; a runner that does not react within CANCEL_GRACE_S is killed. A runner that
-vanished without a final status (killed, machine restarted) is recorded as failed when next read.
+runner waits for the step to exit (killing it after CANCEL_GRACE_S), removes any model and records
+`cancelled`. A step dies with its runner (PR_SET_PDEATHSIG on Linux), and a runner that vanished
+without a final status (killed, machine restarted) has its process group killed and is recorded as
+failed when next read; a run that is not done never shows a model.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import fcntl
 import json
 import os
-import re
 import secrets
 import shutil
 import signal
@@ -39,8 +45,11 @@ from pathlib import Path
 
 from sigmascale_core.artifacts import write_json_atomic
 from sigmascale_core.plan import CompressionPlan
+from sigmascale_core.progress import ProgressEvent
 
 RUNS_ENV = "SIGMASCALE_RUNS"  # where runs live; default ./runs
+MAX_RUNS_ENV = "SIGMASCALE_MAX_RUNS"  # how many runs may compute at once; default 1, the rest wait queued
+PROGRESS_FILE = "progress.jsonl"  # the steps' ProgressEvents, one JSON line each (the CLI's --progress-json)
 ACTIVE = ("queued", "running")
 FINAL = ("done", "failed", "cancelled")
 KINDS = ("compress", "dense")  # compress a plan / evaluate the dense model (the baseline)
@@ -115,6 +124,7 @@ def build_steps(spec: RunSpec, run_dir: Path) -> list[Step]:
     """The CLI commands of a run, in order. Fine-tuning happens inside the compress command (it needs the
     dense teacher in memory), before that command's perplexity; zero-shot reads the saved, final model."""
     model_args = ["--model", spec.model, "--device", spec.device, "--dtype", spec.dtype]
+    model_args += ["--progress-json", str(run_dir / PROGRESS_FILE)]
     max_tokens = [] if spec.max_eval_tokens is None else ["--max-eval-tokens", str(spec.max_eval_tokens)]
     limit = [] if spec.task_limit is None else ["--limit", str(spec.task_limit)]
     if spec.kind == "dense":
@@ -136,6 +146,7 @@ def build_steps(spec: RunSpec, run_dir: Path) -> list[Step]:
     steps = [Step("compress", argv, "compress.json")]
     if spec.tasks:
         zero_shot = [*_cli(), "eval", "--model", str(run_dir / "model"), "--device", spec.device]
+        zero_shot += ["--progress-json", str(run_dir / PROGRESS_FILE)]
         zero_shot += ["--tasks", ",".join(spec.tasks), *limit, "--report", str(run_dir / "zero_shot.json")]
         steps.append(Step("zero_shot", zero_shot, "zero_shot.json"))
     return steps
@@ -267,19 +278,6 @@ def read_text(path: Path, limit: int = 200_000) -> str:
         return ""
 
 
-_PROGRESS = re.compile(r"(?P<desc>[^\r\n:|]{1,60}):\s*(?P<pct>\d+)%\|[^|]*\|\s*(?P<done>\d+)/(?P<total>\d+)")
-
-
-def parse_progress(log: str) -> tuple[str, int, int] | None:
-    """The last tqdm bar in a log: (what, done, total), or None."""
-    last = None
-    for match in _PROGRESS.finditer(log):
-        last = match
-    if last is None:
-        return None
-    return last["desc"].strip(), int(last["done"]), int(last["total"])
-
-
 @dataclass
 class RunRecord:
     """What the app shows about one run."""
@@ -313,9 +311,13 @@ class RunRecord:
     def log(self, limit: int = 200_000) -> str:
         return read_text(self.path / "log.txt", limit)
 
-    def progress(self) -> tuple[str, int, int] | None:
-        """(step i/n label, tqdm bar) of a running run."""
-        return parse_progress(self.log(20_000))
+    def progress(self) -> ProgressEvent | None:
+        """The last progress event of the run's steps (None before the first, or if unreadable)."""
+        lines = read_text(self.path / PROGRESS_FILE, 4_000).splitlines()
+        for line in reversed(lines):  # the first may be cut: from_json refuses it
+            with contextlib.suppress(ValueError):
+                return ProgressEvent.from_json(line)
+        return None
 
 
 def _read_json(path: Path) -> dict | None:
@@ -360,7 +362,8 @@ def read_run(run_dir: Path) -> RunRecord:
                     "finished": _now(),
                     "error": error,
                 }
-                _cleanup(run_dir)
+                _kill_group(pid)  # a step the dead runner left behind must not save a model later
+                _cleanup(run_dir, model=True)
                 write_json_atomic(meta, run_dir / "meta.json")
     spec = _read_json(run_dir / "spec.json") or {}
     report = _read_json(run_dir / "report.json") if meta.get("status") == "done" else None
@@ -376,10 +379,61 @@ def list_runs(root: Path | None = None) -> list[RunRecord]:
     return [read_run(p) for p in sorted(dirs, key=lambda p: p.name, reverse=True)]
 
 
-def _cleanup(run_dir: Path) -> None:
-    """Remove what an interrupted step may have left: the CLI's temp model folders."""
+def _cleanup(run_dir: Path, model: bool = False) -> None:
+    """Remove what an interrupted step may have left: the CLI's temp model folders, and with `model`
+    the model itself (a run that did not finish shows none, even if its step saved one at the end)."""
     for leftover in run_dir.glob(".model.*"):
         shutil.rmtree(leftover, ignore_errors=True)
+    if model:
+        shutil.rmtree(run_dir / "model", ignore_errors=True)
+
+
+def _kill_group(pid: int | None) -> None:
+    """SIGKILL the process group a runner led (its steps stay in it), if any member is left."""
+    if pid is not None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+
+
+def _die_with_parent() -> None:
+    """preexec_fn of a step: the kernel SIGKILLs it when the runner dies (Linux prctl PR_SET_PDEATHSIG),
+    so a killed runner never leaves a step that saves a model into a run recorded as failed."""
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the runner died before prctl took effect
+        os._exit(1)
+
+
+def max_runs() -> int:
+    """How many runs may compute at once (SIGMASCALE_MAX_RUNS, default 1)."""
+    text = os.environ.get(MAX_RUNS_ENV, "1")
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"{MAX_RUNS_ENV}={text!r}: expected a positive integer") from None
+    if value < 1:
+        raise ValueError(f"{MAX_RUNS_ENV}={value}: expected a positive integer")
+    return value
+
+
+def _wait_for_slot(run_dir: Path, cancelled: threading.Event) -> object | None:
+    """Block until one of max_runs() slots under the runs root is free; returns its open lock file (held
+    until this process exits: the kernel releases it even on SIGKILL), or None if cancelled meanwhile."""
+    slots = run_dir.parent / ".slots"
+    slots.mkdir(exist_ok=True)
+    while True:
+        for i in range(max_runs()):
+            handle = open(slots / f"{i}.lock", "a")  # noqa: SIM115 (held for the runner's life)
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return handle
+            except BlockingIOError:
+                handle.close()
+        if cancelled.is_set() or (run_dir / "cancel").exists():
+            return None
+        time.sleep(0.5)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -395,7 +449,9 @@ def _run_step(step: Step, run_dir: Path, cancelled: threading.Event) -> int:
     with open(run_dir / "log.txt", "ab") as log, open(run_dir / f"{step.name}.stdout", "wb") as out:
         log.write(f"\n== {step.name}: {' '.join(step.argv)}\n".encode())
         log.flush()
-        proc = subprocess.Popen(step.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=log)
+        proc = subprocess.Popen(
+            step.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=log, preexec_fn=_die_with_parent
+        )
         asked = None
         while True:
             try:
@@ -404,7 +460,7 @@ def _run_step(step: Step, run_dir: Path, cancelled: threading.Event) -> int:
                 pass
             if cancelled.is_set() or (run_dir / "cancel").exists():
                 cancelled.set()
-                if asked is None:
+                if asked is None:  # SIGINT: the CLI removes its temp files and exits (130)
                     asked = time.monotonic()
                     with contextlib.suppress(ProcessLookupError):
                         proc.send_signal(signal.SIGINT)
@@ -439,10 +495,15 @@ def run(run_dir: Path) -> int:
     cancelled = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: cancelled.set())
     signal.signal(signal.SIGTERM, lambda *_: cancelled.set())
-    meta.update(status="running", started=_now(), pid=os.getpid())
+    meta.update(pid=os.getpid())
     write_json_atomic(meta, run_dir / "meta.json")
     timing: dict[str, float] = {}
     try:
+        slot = _wait_for_slot(run_dir, cancelled)  # held until this process exits
+        if slot is None:
+            raise _Cancelled
+        meta.update(status="running", started=_now())
+        write_json_atomic(meta, run_dir / "meta.json")
         for step in meta["steps"]:
             if cancelled.is_set() or (run_dir / "cancel").exists():
                 raise _Cancelled
@@ -459,6 +520,9 @@ def run(run_dir: Path) -> int:
                 step["status"] = "failed"
                 log = read_text(run_dir / "log.txt", 50_000).rsplit(f"\n== {step['name']}:", 1)[-1]
                 tail = tail_lines(log.split("\n", 1)[-1], ERROR_LINES)
+                refusals = [line for line in tail.splitlines() if line.startswith("error: ")]
+                if code == 2 and refusals:  # the CLI refused an input: its one line says why
+                    raise RuntimeError(f"step {step['name']} exited with status 2: {refusals[-1]}")
                 raise RuntimeError(f"step {step['name']} exited with status {code}\n{tail}".strip())
             step["status"] = "done"
             stdout = read_text(run_dir / f"{step['name']}.stdout")
@@ -469,7 +533,7 @@ def run(run_dir: Path) -> int:
         write_json_atomic(_merge_reports(run_dir, meta["steps"], timing), run_dir / "report.json")
         meta.update(status="done", finished=_now())
     except _Cancelled:
-        _cleanup(run_dir)
+        _cleanup(run_dir, model=True)  # the step has exited: a model it saved last second goes too
         meta.update(status="cancelled", finished=_now())
     except BaseException as err:  # the runner itself must always leave a readable status
         _cleanup(run_dir)

@@ -5,10 +5,13 @@ The CLI and the app call these; progress is a callback, so the core never prints
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import math
 import resource
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
@@ -16,18 +19,45 @@ from torch import nn
 from sigmascale_core.allocation import STRATEGIES, allocate
 from sigmascale_core.calibration import collect_stats, load_stats, save_stats, stats_cache_path, stats_key
 from sigmascale_core.finetune import distill, evaluate_distillation
-from sigmascale_core.models import LoadedModel, target_matrices, tokenizer_fingerprint
+from sigmascale_core.methods import METHODS
+from sigmascale_core.models import LoadedModel, load_model, target_matrices, tokenizer_fingerprint
 from sigmascale_core.perplexity import perplexity
-from sigmascale_core.plan import CompressionPlan
-from sigmascale_core.probing import NESTED_METHODS, ProbeConfig, calibration_side_batch, probe
-from sigmascale_core.progress import Progress
+from sigmascale_core.plan import CompressionPlan, check_options
+from sigmascale_core.probing import (
+    DEFAULT_CALIBRATION_TEXT,
+    DEFAULT_EVALUATION_TEXTS,
+    NESTED_METHODS,
+    ProbeConfig,
+    calibration_side_batch,
+    probe,
+)
+from sigmascale_core.progress import EventSink, Progress, tracked
 from sigmascale_core.stats import ActivationStats
-from sigmascale_core.surgery import compress, target_shapes
-from sigmascale_core.text import calibration_batch, check_disjoint, evaluation_tokens
+from sigmascale_core.surgery import (
+    check_output_dir,
+    check_plan_matches,
+    compress,
+    save_compressed,
+    target_shapes,
+)
+from sigmascale_core.text import (
+    calibration_batch,
+    check_disjoint,
+    documents,
+    evaluation_tokens,
+    token_stream,
+)
 
-DEFAULT_CALIBRATION_TEXT = "boolq:calibration"
-DEFAULT_EVALUATION_TEXTS = ("boolq:evaluation", "lambada")
 ALLOCATIONS = ("uniform", *STRATEGIES)  # uniform retention per matrix, or a budget spent by allocation.py
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def check_positive(name: str, value: object, optional: bool = False) -> None:
+    """ValueError unless `value` is an int ≥ 1 (or None, when `optional`); `name` is the flag."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -37,6 +67,10 @@ class CalibrationConfig:
     seq_len: int | None = None  # tokens per sequence; None: 512 on CPU, 2048 on GPU (the paper's)
     seed: int = 0  # which windows of the text are drawn
     batch_size: int = 4  # sequences per forward pass
+
+    def __post_init__(self) -> None:
+        for name in ("samples", "seq_len", "batch_size"):
+            check_positive(f"--{name.replace('_', '-')}", getattr(self, name), optional=name == "seq_len")
 
     def resolved_seq_len(self, device: torch.device) -> int:
         return self.seq_len or (2048 if device.type == "cuda" else 512)
@@ -251,3 +285,236 @@ def peak_memory() -> dict[str, float]:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         out["peak_cuda_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The compression pipeline: one typed entry point for the CLI, the job runner and the benchmarks
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    """Everything one compression run needs; its JSON twin is to_dict/from_dict. Each field is the
+    CLI flag of the same name (`sigmascale compress --seq-len` is seq_len)."""
+
+    out: str  # output folder (refused if it exists, unless force)
+    model: str = "smollm2-135m"  # bundled model, a local HF folder, a .gguf file or a hub id
+    device: str = "cpu"  # torch device
+    dtype: str = "float32"  # weights dtype while working (one of DTYPES)
+    method: str = "sigmascale"  # decomposition, one of METHODS (a plan's own method wins)
+    retention: float | None = None  # uniform parameter retention in (0, 1]; or give plan
+    plan: str | None = None  # path of a CompressionPlan JSON instead of retention
+    options: dict[str, object] = field(default_factory=dict)  # method options (see METHOD_OPTIONS)
+    allocation: str = "uniform"  # one of ALLOCATIONS: how a retention's budget is spent over matrices
+    probe: str = "perplexity"  # sensitivity probe of an allocation: "perplexity" or "proxy"
+    probe_method: str | None = None  # decomposition of the probe (None: see probe_config_for)
+    sequential: bool = False  # calibrate each layer on the outputs of the compressed layers before it
+    text: str = DEFAULT_CALIBRATION_TEXT  # calibration text spec (see text.py)
+    samples: int = 32  # calibration sequences
+    seq_len: int | None = None  # tokens per sequence; None: 512 on CPU, 2048 on GPU
+    seed: int = 0  # which windows of the calibration text are drawn
+    batch_size: int = 4  # sequences per forward pass
+    finetune_steps: int = 0  # distillation steps on the factors after compressing (0: none)
+    finetune_lr: float = 1e-4  # peak fine-tune learning rate
+    finetune_seq_len: int | None = None  # tokens per fine-tune sequence (None: the calibration's)
+    evaluation: tuple[str, ...] = ()  # perplexity texts, disjoint from the calibration text
+    window: int | None = None  # perplexity window (None: min(2048, model max))
+    max_eval_tokens: int | None = None  # score only the first N tokens of each evaluation text
+    force: bool = False  # replace an existing out
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "evaluation": list(self.evaluation)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> CompressionConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown compression config field(s) {unknown}")
+        return cls(**{**data, "evaluation": tuple(data.get("evaluation") or ())})
+
+    @property
+    def calibration(self) -> CalibrationConfig:
+        return CalibrationConfig(self.text, self.samples, self.seq_len, self.seed, self.batch_size)
+
+
+def check_device(device: str) -> torch.device:
+    """The torch device named `device`, or ValueError saying why it cannot be used here."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {device!r} is not a device; use cpu, cuda, cuda:N or mps") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif resolved.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"--device {device}: MPS is not available here; use --device cpu")
+    elif resolved.type != "cpu":
+        raise ValueError(f"--device {device}: unsupported device type; use cpu, cuda, cuda:N or mps")
+    return resolved
+
+
+def check_finite(model: nn.Module) -> None:
+    """ValueError naming the first weight or buffer (compressed or not) holding a NaN or an Inf."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ValueError(f"the model's {name} holds {bad} NaN/Inf value(s): refusing to compress it")
+
+
+def check_config(config: CompressionConfig) -> CompressionPlan | None:
+    """Every check that needs no model, before anything loads (seconds): numbers, device, method
+    options, the plan file, the texts, the output folder. Returns the plan read from config.plan."""
+    config.calibration  # noqa: B018 (its constructor checks samples, seq_len, batch_size)
+    for name in ("finetune_seq_len", "window", "max_eval_tokens"):
+        check_positive(f"--{name.replace('_', '-')}", getattr(config, name), optional=True)
+    if isinstance(config.finetune_steps, bool) or not isinstance(config.finetune_steps, int):
+        raise ValueError(f"--finetune-steps must be an integer, got {config.finetune_steps!r}")
+    if config.finetune_steps < 0:
+        raise ValueError(f"--finetune-steps must be ≥ 0, got {config.finetune_steps}")
+    if not (isinstance(config.finetune_lr, int | float) and math.isfinite(config.finetune_lr)):
+        raise ValueError(f"--finetune-lr must be a finite number, got {config.finetune_lr!r}")
+    if config.finetune_lr <= 0:
+        raise ValueError(f"--finetune-lr must be positive, got {config.finetune_lr}")
+    if config.dtype not in DTYPES:
+        raise ValueError(f"--dtype {config.dtype!r}: choose one of {tuple(DTYPES)}")
+    if config.allocation not in ALLOCATIONS:
+        raise ValueError(f"--allocation {config.allocation!r}: choose one of {ALLOCATIONS}")
+    if config.probe not in ("perplexity", "proxy"):
+        raise ValueError(f"--probe {config.probe!r}: choose perplexity or proxy")
+    if config.probe_method is not None and config.probe_method not in METHODS:
+        raise ValueError(f"--probe-method {config.probe_method!r}: choose one of {METHODS}")
+    if config.plan and config.allocation != "uniform":
+        raise ValueError("--allocation builds a plan; it cannot be combined with --plan")
+    if config.plan and config.retention is not None:
+        raise ValueError("give --retention R or --plan PLAN.json, not both")
+    check_device(config.device)
+    check_output_dir(config.out, config.force)
+    plan = None
+    if config.plan:
+        plan = CompressionPlan.load(config.plan)
+    elif config.retention is None:
+        raise ValueError("give --retention R or --plan PLAN.json")
+    else:
+        check_options(config.method, config.options)
+    documents(config.text)  # the calibration text exists
+    check_texts(config.text, list(config.evaluation))  # the evaluation texts exist and are disjoint
+    return plan
+
+
+def check_loaded(loaded: LoadedModel, config: CompressionConfig, plan: CompressionPlan | None) -> None:
+    """The checks that need the loaded model, right after it loads and before any calibration: finite
+    weights, the plan made for this model, sequence lengths within its positions, enough text."""
+    check_finite(loaded.model)
+    if plan is not None:
+        check_plan_matches(loaded.model, plan, loaded.fingerprint)
+    device = next(loaded.model.parameters()).device
+    seq_len = config.calibration.resolved_seq_len(device)
+    limit = getattr(loaded.model.config, "max_position_embeddings", None)
+    for flag, value in (("--seq-len", seq_len), ("--finetune-seq-len", config.finetune_seq_len)):
+        if limit is not None and value is not None and value > limit:
+            raise ValueError(f"{flag} {value} exceeds the model's {limit} positions")
+    if limit is not None and config.window is not None and config.window > limit:
+        raise ValueError(f"--window {config.window} exceeds the model's {limit} positions")
+    found = token_stream(loaded.tokenizer, loaded.family, config.text).numel()
+    needed = config.samples * seq_len
+    if found < needed:
+        raise ValueError(
+            f"calibration text {config.text!r} has {found} tokens; {config.samples} samples of "
+            f"{seq_len} tokens need {needed}: use fewer or shorter samples, or a longer text"
+        )
+    if config.finetune_steps:
+        tune_len = config.finetune_seq_len or seq_len
+        tune_needed = (config.samples + FinetuneConfig.held_out) * tune_len
+        if found < tune_needed:
+            raise ValueError(
+                f"calibration text {config.text!r} has {found} tokens; fine-tuning on {config.samples}"
+                f" + {FinetuneConfig.held_out} held-out samples of {tune_len} tokens needs {tune_needed}"
+            )
+
+
+def run_compression(config: CompressionConfig, events: EventSink | None = None) -> dict:
+    """Check, load, calibrate, plan, compress, (fine-tune,) evaluate and save: the whole run.
+
+    Every input is checked before work starts (check_config, then check_loaded right after the model
+    loads); ValueError names the problem. Progress goes to `events` as ProgressEvents. Returns the
+    report that is also saved as report.json in config.out.
+    """
+    plan = check_config(config)
+
+    def progress(stage: str) -> Progress | None:
+        return None if events is None else tracked(events, stage)
+
+    started = time.perf_counter()
+    loaded = load_model(config.model, device=config.device, dtype=DTYPES[config.dtype])
+    check_loaded(loaded, config, plan)
+    evaluation = list(config.evaluation)
+    total_before = parameter_count(loaded.model)
+    teacher = copy.deepcopy(loaded.model) if config.finetune_steps else None
+    stats, calibration, planning = None, None, {}
+    if not config.sequential or config.allocation != "uniform":  # the probe reads the dense stats
+        stats, calibration = calibrate(loaded, config.calibration, progress("calibration"))
+    if plan is None:
+        windows = None
+        if calibration is not None:  # (text, samples, seq_len, seed) of the stats, for the probe
+            windows = (config.text, config.samples, int(calibration["seq_len"]), config.seed)
+        probe_config = probe_config_for(
+            config.method, config.text, evaluation, config.probe == "proxy", config.probe_method
+        )
+        plan, planning = build_plan(
+            loaded,
+            stats,
+            config.retention,
+            config.method,
+            config.options,
+            config.allocation,
+            probe_config,
+            windows,
+            progress("probe"),
+        )
+    start = time.perf_counter()
+    if config.sequential:
+        _, calibration = compress_sequential(loaded, plan, config.calibration, progress("calibration"))
+    else:
+        compress(loaded.model, plan, stats, progress=progress("compress"))
+    report = {
+        "model": config.model,
+        "fingerprint": loaded.fingerprint,
+        "method": plan.method,
+        "options": plan.options,
+        "allocation": plan.allocation,
+        "target_retention": plan.target_retention,
+        "parameter_retention": plan.parameter_retention(),
+        "model_retention": plan.model_retention(total_before),
+        "parameters_before": total_before,
+        "parameters_after": parameter_count(loaded.model),
+        "calibration": calibration,
+        **planning,
+        "compress_seconds": time.perf_counter() - start,
+    }
+
+    def evaluate() -> dict:
+        return evaluate_perplexity(
+            loaded, evaluation, config.window, config.max_eval_tokens, progress=progress("perplexity")
+        )
+
+    if teacher is not None:
+        if evaluation:
+            report["perplexity_before_finetune"] = evaluate()
+        tune = FinetuneConfig(  # the calibration's text and window size, other windows (seed 2)
+            steps=config.finetune_steps,
+            lr=config.finetune_lr,
+            text=config.text,
+            samples=config.samples,
+            seq_len=config.finetune_seq_len or int(calibration["seq_len"]),
+        )
+        report["finetune"] = finetune(loaded, teacher, tune, evaluation, progress("finetune"))
+        del teacher
+    if evaluation:
+        report["perplexity"] = evaluate()
+    report["total_seconds"] = time.perf_counter() - started
+    report.update(peak_memory())
+    save_compressed(loaded.model, plan, config.out, loaded.tokenizer, report, force=config.force)
+    return report

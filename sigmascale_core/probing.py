@@ -41,7 +41,7 @@ from torch import nn
 
 from sigmascale_core.artifacts import cache_root, write_json_atomic
 from sigmascale_core.calibration import stats_key
-from sigmascale_core.methods import METHOD_OPTIONS, METHODS, decompose, loss_curve
+from sigmascale_core.methods import METHODS, decompose, loss_curve
 from sigmascale_core.metrics import check_retention, rank_for_retention
 from sigmascale_core.models import (
     FAMILIES,
@@ -55,6 +55,7 @@ from sigmascale_core.models import (
     target_matrices,
     tokenizer_fingerprint,
 )
+from sigmascale_core.plan import check_options
 from sigmascale_core.progress import Progress
 from sigmascale_core.stats import ActivationStats
 from sigmascale_core.text import calibration_batch, check_disjoint, token_stream, window_starts
@@ -63,8 +64,10 @@ TABLE_VERSION = 1
 METRICS = ("perplexity", "relative_loss")
 DEFAULT_RETENTIONS: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 PROXY_RETENTIONS: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 20))  # 0.05 … 0.95
-DEFAULT_PROBE_TEXT = "boolq:calibration"
-DEFAULT_EVALUATION_TEXTS: tuple[str, ...] = ("boolq:evaluation", "lambada")  # = pipeline's defaults
+# The default texts, defined once here (pipeline, CLI and bench import them): calibration and probing
+# read the calibration half of BoolQ; evaluation is the other half and LAMBADA.
+DEFAULT_CALIBRATION_TEXT = "boolq:calibration"
+DEFAULT_EVALUATION_TEXTS: tuple[str, ...] = ("boolq:evaluation", "lambada")
 NESTED_METHODS = ("svd", "asvd", "svdllm")  # scaling independent of the rank: rank-k factors nest
 
 
@@ -344,16 +347,6 @@ def _select(model: nn.Module, matrices: Sequence[str] | None) -> list[MatrixRef]
     return [r for r in refs if r.name in wanted]
 
 
-def _method_options(method: str, options: dict[str, object] | None) -> dict[str, object]:
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
-    options = dict(options or {})
-    unknown = sorted(set(options) - set(METHOD_OPTIONS[method]))
-    if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for method {method!r}")
-    return options
-
-
 def probe_sensitivity(
     model: nn.Module,
     stats: dict[str, ActivationStats],
@@ -379,7 +372,7 @@ def probe_sensitivity(
         raise ValueError(f"probe_tokens must be (n_samples, seq_len ≥ 2), got {tuple(probe_tokens.shape)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    options = _method_options(method, options)
+    options = check_options(method, options)
     grid = _check_grid(retentions)
     refs = _select(model, matrices)
     known = dict(known or {})
@@ -455,7 +448,7 @@ def proxy_sensitivity(
     grid's ranks, read off `methods.loss_curve` (one decomposition per matrix; for sigmascale, whose
     scaling is learned per rank, one per probed rank). No forward pass; every matrix weighs the same,
     so it ranks ranks within a matrix well and matrices against each other only roughly."""
-    options = _method_options(method, options)
+    options = check_options(method, options)
     grid = _check_grid(retentions)
     refs = _select(model, matrices)
     started = time.perf_counter()
@@ -495,7 +488,7 @@ def proxy_sensitivity(
 
 @dataclass(frozen=True)
 class ProbeConfig:
-    text: str = DEFAULT_PROBE_TEXT  # calibration-side text spec; checked against `evaluation`
+    text: str = DEFAULT_CALIBRATION_TEXT  # calibration-side text spec; checked against `evaluation`
     samples: int = 4  # probing sequences
     seq_len: int = 256  # tokens per sequence
     seed: int = 1  # which windows are drawn (calibration's default seed is 0: different windows)
@@ -549,7 +542,7 @@ def probe(
     `calibration` = (text, samples, seq_len, seed) of the stats' windows, only to report the fraction of
     probing tokens they share. Returns (table, info), info saying where it came from and what it cost.
     """
-    options = _method_options(config.method, config.options)
+    options = check_options(config.method, config.options)
     grid = _check_grid(config.retentions)
     key: dict[str, object] = {
         "format": TABLE_VERSION,

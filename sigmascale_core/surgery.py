@@ -7,7 +7,6 @@ config + the plan, atomically; `load_compressed` rebuilds it from those alone (n
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -78,6 +77,12 @@ def check_plan_matches(model: nn.Module, plan: CompressionPlan, fingerprint: str
     if fingerprint is not None and plan.model_fingerprint != fingerprint:
         raise ValueError(
             f"the plan was made for model {plan.model_fingerprint}, this model is {fingerprint}: make a new plan"
+        )
+    unknown = [name for name in plan.matrices if name not in shapes]
+    if unknown:
+        raise ValueError(
+            f"the plan names {len(unknown)} matrices this model does not have, e.g. {unknown[:3]}: "
+            f"make a new plan"
         )
     for name, matrix in plan.matrices.items():
         if shapes.get(name) != tuple(matrix.shape):
@@ -157,6 +162,23 @@ def _empty_low_rank(model: nn.Module, plan: CompressionPlan) -> None:
         set_module(model, name, shell)
 
 
+def check_output_dir(out_dir: str | os.PathLike, force: bool = False) -> Path:
+    """The resolved `out_dir` if a compressed model can be saved there: refused (ValueError) when it
+    exists and not `force`, or when its nearest existing ancestor is no writable folder. Cheap: callers
+    check before hours of work, and save_compressed again before its rename."""
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists() and not force:
+        raise ValueError(f"--out {out} exists; pass --force to replace it")
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"--out {out}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: folder {parent} is not writable")
+    return out
+
+
 def save_compressed(
     model: nn.Module,
     plan: CompressionPlan,
@@ -168,11 +190,10 @@ def save_compressed(
     """Write weights (safetensors), config, plan, tokenizer and report into `out_dir` atomically.
 
     Everything is written into a temp folder beside `out_dir`, then renamed into place: an interrupted
-    save leaves no half-written model. An existing `out_dir` is refused unless `force`.
+    save leaves no half-written model. An existing `out_dir` is refused unless `force`, also when it
+    appears while saving (another run saving there): the final rename never replaces it then.
     """
-    out = Path(out_dir).resolve()
-    if out.exists() and not force:
-        raise ValueError(f"{out} exists; pass force=True (--force) to replace it")
+    out = check_output_dir(out_dir, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
@@ -183,18 +204,30 @@ def save_compressed(
             tokenizer.save_pretrained(tmp)
         if report is not None:
             write_json_atomic(report, tmp / "report.json")
-        if out.exists():
+        if force and out.exists():
             old = out.with_name(f".{out.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(out, old)
             os.replace(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
         else:
-            os.replace(tmp, out)
+            _rename_no_replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _rename_no_replace(src: Path, dst: Path) -> None:
+    """Rename the folder `src` to `dst`, refusing (ValueError) when `dst` exists. A rename onto a
+    non-empty folder fails on POSIX; the check before it covers an empty one (a short race remains
+    only for an empty folder created in between)."""
+    if dst.exists():
+        raise ValueError(f"--out {dst} appeared while saving (another run?); pass --force to replace it")
+    try:
+        os.rename(src, dst)
+    except OSError as err:
+        raise ValueError(f"--out {dst} appeared while saving (another run?): {err.strerror}") from err
 
 
 def _untied_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -257,19 +290,3 @@ def _materialise_buffers(model: nn.Module, device: torch.device | str) -> None:
     leftover = [name for name, b in model.named_buffers() if b.is_meta]
     if leftover:
         raise ValueError(f"buffers left on the meta device after loading: {leftover[:3]}")
-
-
-def plan_summary(plan: CompressionPlan) -> dict:
-    """The numbers a report shows about a plan."""
-    return json.loads(
-        json.dumps(
-            {
-                "method": plan.method,
-                "options": plan.options,
-                "target_retention": plan.target_retention,
-                "parameter_retention": plan.parameter_retention(),
-                "matrices": len(plan.matrices),
-                "compressed": len(plan.compressed),
-            }
-        )
-    )

@@ -3,11 +3,12 @@ import json
 import pytest
 import torch
 from tiny import tiny_model
-from transformers import AutoTokenizer, BertConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, BertConfig
 
 from sigmascale_core.cli import main
 from sigmascale_core.models import bundled_model_dir
 from sigmascale_core.plan import CompressionPlan
+from sigmascale_core.progress import ProgressEvent
 from sigmascale_core.surgery import load_compressed
 
 
@@ -83,8 +84,8 @@ def reloaded_perplexity(out, capsys) -> float:
     return json.loads(stdout)["perplexity"]["boolq:evaluation"]["perplexity"]
 
 
-def test_compress_then_eval_round_trip(tiny_model_dir, tmp_path, capsys):
-    out = tmp_path / "compressed"
+def test_compress_then_eval_round_trip(tiny_model_dir, tmp_path, capsys, private_cache):
+    out, events = tmp_path / "compressed", tmp_path / "events.jsonl"
     args = ["--model", str(tiny_model_dir), "--device", "cpu", "--samples", "2", "--seq-len", "32"]
     code, stdout, err = run(
         [
@@ -100,6 +101,8 @@ def test_compress_then_eval_round_trip(tiny_model_dir, tmp_path, capsys):
             "boolq:evaluation",
             "--max-eval-tokens",
             "256",
+            "--progress-json",
+            str(events),
         ],
         capsys,
     )
@@ -112,11 +115,18 @@ def test_compress_then_eval_round_trip(tiny_model_dir, tmp_path, capsys):
     assert report["perplexity"]["boolq:evaluation"]["tokens"] == 255
     again = reloaded_perplexity(out, capsys)
     assert again == pytest.approx(report["perplexity"]["boolq:evaluation"]["perplexity"], rel=1e-5)
-    model, _ = load_compressed(out)
-    assert (
-        sum(p.numel() for p in model.parameters())
-        < sum(p.numel() for p in tiny_model("llama").parameters()) + 10**7
-    )
+    model, plan = load_compressed(out)
+    dense = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    m_n_k = [(*m.shape, m.rank) for m in plan.matrices.values()]
+    saved = sum(m * n - k * (m + n) for m, n, k in m_n_k if k * (m + n) < m * n)  # from the ranks alone
+    assert saved > 0 and len(plan.compressed) == len(m_n_k) == 14  # every matrix shrank at 0.5
+    expected = sum(p.numel() for p in dense.parameters()) - saved  # tied embeddings counted once
+    assert sum(p.numel() for p in model.parameters()) == expected == report["parameters_after"]
+    lines = events.read_text().splitlines()  # --progress-json: one event a line, every stage, in order
+    stages = [ProgressEvent.from_json(line).stage for line in lines]
+    assert list(dict.fromkeys(stages)) == ["calibration", "compress", "perplexity"]
+    last = ProgressEvent.from_json(lines[-1])
+    assert last.done == last.total
     code, _, err = run(
         ["compress", *args, "--retention", "0.5", "--out", str(out), "--eval", "boolq:calibration"], capsys
     )
@@ -357,3 +367,135 @@ def test_allocation_and_plan_or_negative_steps_are_refused(capsys, tmp_path):
         ["compress", "--retention", "0.5", "--finetune-steps", "-1", "--out", str(tmp_path / "o")], capsys
     )
     assert code == 2 and "--finetune-steps" in err
+
+
+# --------------------------------------------------------------------------------------------------
+# Every input is checked before work: one line on stderr, exit status 2, nothing written
+
+
+@pytest.fixture(scope="module")
+def plans(tiny_model_dir, tmp_path_factory):
+    """Plan files for the tiny model: good, corrupt, another version, a bad rank, another model's,
+    and one naming matrices the model does not have."""
+    from sigmascale_core.models import load_model
+    from sigmascale_core.surgery import target_shapes
+
+    loaded = load_model(str(tiny_model_dir))
+    shapes = target_shapes(loaded.model)
+    good = CompressionPlan.uniform(shapes, 0.5, "svd", loaded.fingerprint)
+    root = tmp_path_factory.mktemp("plans")
+    data = good.to_dict()
+    first = next(iter(shapes))
+    files = {
+        "good": data,
+        "corrupt": '{"version": 1, "matr',
+        "version": {**data, "version": 99},
+        "rank": {
+            **data,
+            "matrices": {**data["matrices"], first: {"shape": list(shapes[first]), "rank": 10**6}},
+        },
+        "fingerprint": {**data, "model_fingerprint": "another-model"},
+        "names": {
+            **data,
+            "matrices": {**data["matrices"], "model.layers.9.mlp.up_proj": {"shape": [96, 64], "rank": 4}},
+        },
+        "option": {**data, "options": {"alpha": 0.5}},
+    }
+    for name, content in files.items():
+        (root / f"{name}.json").write_text(content if isinstance(content, str) else json.dumps(content))
+    return root
+
+
+def tiny_with_bad_weight(directory, tmp_path):
+    """The tiny model with one NaN in the final norm, a weight no plan compresses."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(directory)
+    with torch.no_grad():
+        model.model.norm.weight[3] = float("nan")
+    model.save_pretrained(tmp_path / "nan")
+    AutoTokenizer.from_pretrained(directory).save_pretrained(tmp_path / "nan")
+    return tmp_path / "nan"
+
+
+BEFORE_LOAD = [  # (arguments after the base ones, what the one line must say)
+    (["--retention", "0.5", "--seq-len", "0"], "--seq-len must be a positive integer, got 0"),
+    (["--retention", "0.5", "--batch-size", "0"], "--batch-size must be a positive integer"),
+    (["--retention", "0.5", "--samples", "0"], "--samples must be a positive integer"),
+    (["--retention", "0.5", "--max-eval-tokens", "0"], "--max-eval-tokens must be a positive integer"),
+    (["--retention", "0.5", "--device", "foo"], "--device 'foo' is not a device"),
+    (["--retention", "0.5", "--option", "steps=abc"], "option steps expects int"),
+    (["--retention", "0.5", "--option", "bogus=1"], "unknown option(s) ['bogus']"),
+    (["--retention", "0.5", "--option", "lr=-1"], "lr > 0"),
+    (["--retention", "0.5", "--option", "init=random"], "unknown init 'random'"),
+    (["--retention", "0.5", "--text", "file:/no/such/text.txt"], "no such file"),
+    (["--retention", "0.5", "--eval", "file:/no/such/eval.txt"], "no such file"),
+    (["--retention", "0.5", "--out", "/dev/null/x"], "/dev/null is not a folder"),
+    (["--plan", "{plans}/corrupt.json"], "not valid plan JSON"),
+    (["--plan", "{plans}/version.json"], "plan version 99 is not supported"),
+    (["--plan", "{plans}/rank.json"], "rank must be an int in [1, "),
+    (["--plan", "{plans}/option.json"], "unknown option(s) ['alpha'] for method 'svd'"),
+    (["--plan", "{plans}/missing.json"], "no plan file"),
+    (["--plan", "{plans}/good.json", "--retention", "0.5"], "not both"),
+]
+AFTER_LOAD = [  # checks that need the model: right after it loads, before calibration starts
+    (["--plan", "{plans}/fingerprint.json"], "the plan was made for model another-model"),
+    (["--plan", "{plans}/names.json"], "this model does not have, e.g. ['model.layers.9.mlp.up_proj']"),
+    (["--retention", "0.5", "--seq-len", "300"], "--seq-len 300 exceeds the model's 256 positions"),
+    (["--retention", "0.5", "--text", "file:{short}"], "has 5 tokens; 2 samples of 32 tokens need 64"),
+    (["--retention", "0.5", "--model", "{nan}"], "model.norm.weight holds 1 NaN/Inf value(s)"),
+]
+
+
+def refusal(extra, tiny_model_dir, plans, tmp_path, capsys) -> tuple[str, float]:
+    """Run a compress that must be refused; returns its one error line and the seconds it took."""
+    import time
+
+    short = tmp_path / "short.txt"
+    short.write_text("only a few words")
+    fill = {"plans": plans, "short": short}
+    if any("{nan}" in a for a in extra):
+        fill["nan"] = tiny_with_bad_weight(tiny_model_dir, tmp_path)
+    out, events = tmp_path / "out", tmp_path / "progress.jsonl"
+    base = ["compress", *tiny_args(tiny_model_dir), "--method", "sigmascale", "--out", str(out)]
+    argv = [*base, "--progress-json", str(events), *[a.format(**fill) for a in extra]]
+    start = time.perf_counter()
+    code, stdout, err = run(argv, capsys)
+    seconds = time.perf_counter() - start
+    assert code == 2 and stdout == ""
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert not out.exists() and not events.exists()  # no model, and no event: calibration never began
+    assert not list(tmp_path.glob(".out.*"))
+    return err, seconds
+
+
+@pytest.mark.parametrize(("extra", "message"), BEFORE_LOAD, ids=[m[:30] for _, m in BEFORE_LOAD])
+def test_bad_inputs_are_refused_before_the_model_loads(
+    extra, message, tiny_model_dir, plans, tmp_path, capsys, monkeypatch
+):
+    import sigmascale_core.pipeline
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(sigmascale_core.pipeline, "load_model", no_loading)
+    err, seconds = refusal(extra, tiny_model_dir, plans, tmp_path, capsys)
+    assert message in err
+    assert seconds < 5
+
+
+@pytest.mark.parametrize(("extra", "message"), AFTER_LOAD, ids=[m[:30] for _, m in AFTER_LOAD])
+def test_inputs_that_need_the_model_are_refused_before_calibration(
+    extra, message, tiny_model_dir, plans, tmp_path, capsys, private_cache
+):
+    err, _ = refusal(extra, tiny_model_dir, plans, tmp_path, capsys)
+    assert message in err
+    assert not (private_cache / "stats").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_cuda_without_a_gpu_is_refused(tiny_model_dir, plans, tmp_path, capsys):
+    err, seconds = refusal(
+        ["--retention", "0.5", "--device", "cuda"], tiny_model_dir, plans, tmp_path, capsys
+    )
+    assert "no CUDA GPU is available" in err and seconds < 5

@@ -171,6 +171,8 @@ def test_a_run_compresses_evaluates_and_records_everything(tiny, runs):
     assert not list(run_dir.glob(".*tmp*"))
     assert [r.id for r in jobs.list_runs()] == [run_dir.name]
     assert record.seconds > 0 and record.model_dir == run_dir / "model"
+    last = record.progress()  # the CLI's --progress-json events: the last is the evaluation's end
+    assert last.stage == "perplexity" and last.done == last.total > 0
 
 
 def test_a_failing_run_keeps_a_readable_error_and_nothing_half_written(tiny, runs):
@@ -184,30 +186,83 @@ def test_a_failing_run_keeps_a_readable_error_and_nothing_half_written(tiny, run
     assert record.report is None
 
 
+def step_processes(run_dir: Path) -> list[int]:
+    """Pids of live CLI steps of a run (found by the run folder in their command line)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if "sigmascale_core.cli" in cmdline and str(run_dir) in cmdline and state != "Z":
+            pids.append(int(proc.name))
+    return pids
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
 def test_cancel_stops_the_run_and_keeps_no_model(tiny, runs):
     run_dir = jobs.start_run(spec(tiny), tiny["plan"])
-    time.sleep(1.0)
+    wait_for(lambda: step_processes(run_dir), 60, "the compress step to start")
     jobs.cancel_run(run_dir)
     record = wait(run_dir, timeout=60)
     assert record.status == "cancelled"
+    assert not step_processes(run_dir)  # recorded only once the step is gone
+    time.sleep(2.0)  # nothing saves a model afterwards
     assert not (run_dir / "model").exists() and not list(run_dir.glob(".model*"))
 
 
-def test_a_killed_runner_is_recorded_as_failed(tiny, runs):
+def test_a_killed_runner_takes_its_step_with_it(tiny, runs):
     run_dir = jobs.start_run(spec(tiny), tiny["plan"])
+    wait_for(lambda: step_processes(run_dir), 60, "the compress step to start")
     pid = json.loads((run_dir / "pid.json").read_text())["pid"]
-    os.killpg(pid, signal.SIGKILL)
+    os.kill(pid, signal.SIGKILL)  # the runner only, not its group: the step must die with it
+    wait_for(lambda: not step_processes(run_dir), 10, "the orphaned step to die")
     record = wait(run_dir, timeout=30)
     assert record.status == "failed"
     assert "ended without recording a result" in record.meta["error"]
+    time.sleep(2.0)
+    assert not (run_dir / "model").exists() and not list(run_dir.glob(".model*"))
     # the verdict is written once, atomically: reading again gives the same record
     assert json.loads((run_dir / "meta.json").read_text())["status"] == "failed"
 
 
-def test_progress_is_read_from_tqdm_output():
-    log = (
-        "loading\rcalibration:  50%|#####     | 1/2 [00:01<00:01]\rcompress:  21%|##  | 3/14 [00:26<01:35, x]"
-    )
-    assert jobs.parse_progress(log) == ("compress", 3, 14)
-    assert jobs.parse_progress("no bars here") is None
+def test_runs_beyond_the_limit_wait_queued(tiny, runs, monkeypatch):
+    monkeypatch.setenv(jobs.MAX_RUNS_ENV, "1")
+    first = jobs.start_run(spec(tiny), tiny["plan"])
+    second = jobs.start_run(spec(tiny), tiny["plan"])
+    records = [wait(first), wait(second)]
+    assert [r.status for r in records] == ["done", "done"]
+    a, b = sorted((r.meta for r in records), key=lambda m: m["started"])
+    assert a["finished"] <= b["started"]  # one at a time: the second ran after the first ended
+    monkeypatch.setenv(jobs.MAX_RUNS_ENV, "0")
+    with pytest.raises(ValueError, match=jobs.MAX_RUNS_ENV):
+        jobs.max_runs()
+
+
+def test_a_bad_device_is_a_one_line_error(tiny, runs):
+    record = wait(jobs.start_run(spec(tiny, device="foo"), tiny["plan"]))
+    assert record.status == "failed"
+    error = record.meta["error"]
+    assert "\n" not in error and "--device 'foo'" in error and "exited with status 2" in error
+    assert "Traceback" not in record.log()
+
+
+def test_progress_is_the_last_event_of_progress_jsonl(tmp_path):
+    from sigmascale_core.progress import ProgressEvent
+
+    record = jobs.RunRecord(tmp_path, {"status": "running"})
+    assert record.progress() is None
+    events = [ProgressEvent("calibration", 1, 2, 0.5), ProgressEvent("compress", 3, 14, 26.0, "q_proj")]
+    (tmp_path / jobs.PROGRESS_FILE).write_text("".join(e.to_json() + "\n" for e in events) + '{"stage": "co')
+    assert record.progress() == events[-1]  # a line being written is skipped
     assert jobs.tail_lines("a\rb\n\nc\rd\n", 5) == "b\nd"

@@ -197,21 +197,91 @@ def test_perplexity_matches_brute_force():
     assert result.perplexity == pytest.approx(math.exp(total / count), rel=1e-5)
 
 
-def test_sequential_calibration_compresses_each_layer_first():
+def test_sequential_compression_equals_calibrating_after_each_compressed_layer(tmp_path):
+    """Reference: the plain loop it shortcuts: compress layer 0 on the dense model's stats, then run the
+    whole (partly compressed) model again for layer 1's stats and compress layer 1 with them."""
+    import copy
+
+    from sigmascale_core.models import LoadedModel
+    from sigmascale_core.pipeline import CalibrationConfig, compress_sequential
+    from sigmascale_core.text import calibration_batch
+
+    text = tmp_path / "cal.txt"
+    text.write_text("\n\n".join(" ".join(f"w{(7 * i + j) % 97}" for j in range(60)) for i in range(30)))
+    tokenizer = word_tokenizer([f"w{i}" for i in range(97)])
     model = tiny_model()
-    ids = torch.randint(0, VOCAB, (3, 16))
+    reference = copy.deepcopy(model)
+    loaded = LoadedModel(model, tokenizer, "tiny", "llama", model_fingerprint(model))
     plan = plan_for(model, 0.3, "svd")
-    seen_layers = []
+    config = CalibrationConfig(text=f"file:{text}", samples=3, seq_len=16, batch_size=2)
+    stats, info = compress_sequential(loaded, plan, config)
+    assert info["sequential"] and info["tokens"] == 48
 
-    def compress_layer(i, layer_stats):
-        seen_layers.append(i)
-        names = {r.name for r in target_matrices(model) if r.layer == i}
-        keyed = {stats_key(i, g): s for g, s in layer_stats.items()}
-        compress(model, plan.with_ranks({n: None for n in plan.matrices if n not in names}), keyed)
+    ids = calibration_batch(tokenizer, "llama", config.text, 3, 16, 0)
+    layer_of = {r.name: r.layer for r in target_matrices(reference)}
+    for layer in (0, 1):
+        layer_stats = collect_stats(reference, ids)
+        compress(
+            reference, plan.with_ranks({n: None for n in plan.matrices if layer_of[n] != layer}), layer_stats
+        )
+        for group in ("attn_in", "mlp_in"):
+            key = stats_key(layer, group)
+            # float32 forwards in other batches: entries ~50 agree to ~2e-5
+            assert torch.allclose(stats[key].gram, layer_stats[key].gram, rtol=1e-5, atol=1e-4)
+    for name in plan.matrices:
+        ours, theirs = get_module(model, name), get_module(reference, name)
+        assert isinstance(ours, LowRankLinear)
+        assert torch.allclose(
+            ours.left.weight @ ours.right.weight, theirs.left.weight @ theirs.right.weight, atol=1e-5
+        )
+    dense = collect_stats(tiny_model(), ids)
+    assert not torch.allclose(stats["1.attn_in"].gram, dense["1.attn_in"].gram)  # layer 1 saw compression
 
-    dense_stats = collect_stats(tiny_model(), ids)
-    sequential = collect_stats(model, ids, compress_layer=compress_layer)
-    assert seen_layers == [0, 1]
-    assert torch.equal(sequential["0.attn_in"].gram, dense_stats["0.attn_in"].gram)  # layer 0 sees the same
-    assert not torch.allclose(sequential["1.attn_in"].gram, dense_stats["1.attn_in"].gram)
-    assert isinstance(get_module(model, "model.layers.1.mlp.down_proj"), LowRankLinear)
+
+def word_tokenizer(words):
+    """A whitespace word-level tokenizer over `words` (ids 2..), with <unk> 0 and </s> 1."""
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "</s>": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    backend = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="</s>")
+
+
+def test_a_model_saved_meanwhile_is_never_replaced_without_force(tmp_path, monkeypatch):
+    """Two runs to one --out: the second to finish must refuse, and the first's model stays intact."""
+    import sigmascale_core.surgery as surgery
+
+    model = tiny_model()
+    plan = plan_for(model)
+    compress(model, plan, collect_stats(model, torch.randint(0, VOCAB, (2, 16))))
+    out = tmp_path / "out"
+    real_save_file = surgery.save_file
+
+    def other_run_saves_first(state, path):
+        out.mkdir()
+        (out / "theirs").write_text("the other run's model")
+        real_save_file(state, path)
+
+    monkeypatch.setattr(surgery, "save_file", other_run_saves_first)
+    with pytest.raises(ValueError, match="appeared while saving"):
+        save_compressed(model, plan, out)
+    assert sorted(p.name for p in out.iterdir()) == ["theirs"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # our temp folder is gone
+    monkeypatch.setattr(surgery, "save_file", real_save_file)
+    save_compressed(model, plan, out, force=True)  # replacing it is asked for
+    assert load_compressed(out)[1] == plan
+
+
+def test_an_unwritable_out_is_refused_before_anything(tmp_path):
+    from sigmascale_core.surgery import check_output_dir
+
+    with pytest.raises(ValueError, match="/dev/null is not a folder"):
+        check_output_dir("/dev/null/x")
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(ValueError, match="exists; pass --force"):
+        check_output_dir(tmp_path / "exists")
+    assert check_output_dir(tmp_path / "exists", force=True) == (tmp_path / "exists").resolve()
+    assert check_output_dir(tmp_path / "a" / "b") == (tmp_path / "a" / "b").resolve()  # parents made later

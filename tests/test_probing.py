@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -33,7 +32,7 @@ from sigmascale_core.probing import (
     shared_token_fraction,
 )
 from sigmascale_core.surgery import compress, target_shapes
-from sigmascale_core.text import window_starts
+from sigmascale_core.text import calibration_batch, token_stream, window_starts
 
 MATRICES = ("model.layers.0.mlp.down_proj", "model.layers.1.self_attn.k_proj")
 GRID = (0.25, 0.6)
@@ -237,7 +236,10 @@ def test_probe_job_caches_and_resumes_after_an_interrupt(setup, tmp_path):
         probe(loaded, stats, config, calibration=(calibration, 4, 16, 0), progress=interrupt)
     table, info = probe(loaded, stats, config, calibration=(calibration, 4, 16, 0))
     assert not info["cached"] and info["resumed_matrices"] == 1
-    assert 0 <= info["shared_with_stats"] <= 1
+    n_tokens = token_stream(tok, "llama", calibration).numel()  # the reference: index sets of windows
+    covered = {s + i for s in window_starts(n_tokens, 4, 16, 0).tolist() for i in range(16)}
+    probed = [s + i for s in window_starts(n_tokens, 2, 16, 1).tolist() for i in range(16)]
+    assert info["shared_with_stats"] == pytest.approx(sum(t in covered for t in probed) / len(probed))
     assert table.values == reference.values and table.dense == pytest.approx(reference.dense)
     assert table.info["text"] == calibration
     again, info = probe(loaded, stats, config)
@@ -249,4 +251,6 @@ def test_probe_job_caches_and_resumes_after_an_interrupt(setup, tmp_path):
     assert not info["cached"] and info["cache"] != cache_file  # another probing batch, another entry
     proxy, info = probe(loaded, stats, ProbeConfig(**{**config.__dict__, "proxy": True}))
     assert proxy.metric == "relative_loss" and not info["cached"]
-    assert math.isfinite(other.dense)
+    seed2 = calibration_batch(tok, "llama", calibration, 2, 16, 2)  # the dense model on those windows
+    assert other.dense == pytest.approx(perplexity(model, seed2.reshape(-1), window=16).perplexity, rel=1e-5)
+    assert other.dense != pytest.approx(table.dense, rel=1e-3)
