@@ -10,6 +10,7 @@ import streamlit as st
 from pages import _shared as shared
 from sigmascale_core import jobs
 from sigmascale_core.methods import METHODS
+from sigmascale_core.progress import format_seconds
 
 st.title("Run")
 cfg = shared.config()
@@ -151,11 +152,12 @@ def _live() -> None:
             f"step {steps.index(current) + 1}/{len(steps)}: {current['name']}" if current else record.status
         )
         progress = record.progress()
-        fraction = progress[1] / max(progress[2], 1) if progress else 0.0
         text = f"{record.id} — {where}" + (
-            f" — {progress[0]} {progress[1]}/{progress[2]}" if progress else ""
+            f" — {progress.stage} {progress.done}/{progress.total}, about {format_seconds(progress.eta)} left"
+            if progress
+            else ""
         )
-        box.progress(min(fraction, 1.0), text=text)
+        box.progress(progress.fraction if progress else 0.0, text=text)
         elapsed = record.seconds
         box.caption(f"{record.meta.get('label') or record.meta.get('kind')} · {elapsed or 0:.0f} s elapsed")
         box.code(jobs.tail_lines(record.log(20_000), 12) or "(no output yet)", language=None)

@@ -5,7 +5,6 @@ writes as JSON lines, and that the app's compute service and job runner show."""
 from __future__ import annotations
 
 import json
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -79,26 +78,3 @@ def format_seconds(seconds: float | None) -> str:
     if seconds >= 60:
         return f"{seconds // 60} min {seconds % 60:02d} s"
     return f"{seconds} s"
-
-
-def tqdm_progress(desc: str) -> Progress:
-    """A tqdm-backed (done, total, what) callback, drawn on stderr."""
-    from tqdm import tqdm
-
-    bars: dict[str, tqdm] = {}
-
-    def update(done: int, total: int, what: str) -> None:
-        label = what if what in ("calibration", "perplexity") else desc
-        bar = bars.get(label)
-        if bar is None or bar.total != total:
-            if bar is not None:
-                bar.close()
-            bar = bars[label] = tqdm(total=total, desc=label, leave=False, file=sys.stderr)
-        bar.n = done
-        bar.set_postfix_str(what if label == desc else "", refresh=False)
-        bar.refresh()
-        if done == total:
-            bar.close()
-            del bars[label]
-
-    return update
