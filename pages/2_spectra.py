@@ -169,7 +169,9 @@ def _lines(frame: pd.DataFrame, y: str, title: str, log: bool, x_title: str = "i
         .encode(
             x=alt.X("index:Q", title=x_title, axis=alt.Axis(format="d")),
             y=alt.Y(f"{y}:Q", title=title, scale=scale, axis=axis),
-            color=alt.Color("method:N", scale=COLORS, title=None, legend=alt.Legend(orient="bottom")),
+            color=alt.Color(
+                "method:N", scale=COLORS, title=None, legend=alt.Legend(orient="bottom", columns=2)
+            ),
             opacity=alt.condition(legend, alt.value(1.0), alt.value(0.15)),
             tooltip=["method", "index", alt.Tooltip(f"{y}:Q", format=".4g")],
         )

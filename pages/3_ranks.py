@@ -85,48 +85,6 @@ def _layer_slider(layer: int, key: str) -> None:
     _edit(ranks, "table")
 
 
-# -- save / load, sensitivity source ----------------------------------------------------------------------
-if message := st.session_state.pop("preset_error", None):
-    st.error(f"Cannot allocate: {message}")
-probe = shared.probe_table(shared.config())
-sources = [PROXY] + ([PROBE] if probe is not None else [])
-with st.expander("Sensitivity for the allocated preset"):
-    st.selectbox("Sensitivity from", sources, key="sensitivity_source")
-    st.caption(
-        "The proxy reads each matrix's cached relative-loss curve (every matrix counts the same). The "
-        "perplexity probe truncates one matrix at a time and measures the model's perplexity on a "
-        "calibration-side text: slow on CPU (hours for the bundled model), cached and resumable."
-    )
-    if probe is None and st.button("Run (or load) the perplexity probe", key="run_probe"):
-        try:
-            shared.probe_table(shared.config(), run=True)
-            st.rerun()
-        except Exception as err:
-            shared.show_error(err, "Probing failed")
-
-save, load = st.columns(2)
-upload = load.file_uploader("Load a plan (JSON)", type=["json"], key="plan_upload")
-if upload is not None and st.session_state.get("plan_loaded_from") != upload.file_id:
-    st.session_state["plan_loaded_from"] = upload.file_id
-    try:
-        loaded_plan = CompressionPlan.from_dict(json.loads(upload.getvalue().decode("utf-8")))
-        fingerprint = snap.loaded.fingerprint
-        if loaded_plan.model_fingerprint != fingerprint:
-            raise ValueError(
-                f"the plan was made for model {loaded_plan.model_fingerprint}, the loaded model is {fingerprint}"
-            )
-        bank.rank_array(loaded_plan)  # the matrices and shapes must be this model's
-    except (ValueError, UnicodeDecodeError) as err:
-        st.error(f"Cannot load {upload.name}: {err}")
-    else:
-        shared.set_plan(state, loaded_plan)
-        st.session_state.pop("plan_method", None)
-        st.success(
-            f"Loaded {upload.name}: {loaded_plan.method}, {loaded_plan.parameter_retention():.2%} retention."
-        )
-        st.rerun()
-
-
 def _number(x: float, fmt: str = ".5f") -> str:
     return "pending" if not np.isfinite(x) else format(x, fmt)
 
@@ -221,14 +179,16 @@ def pending_note(numbers, method: str) -> str:
 
 
 @st.fragment(run_every=2.0 if snap.working else None)
-def live(save_slot) -> None:
+def live() -> None:
     if svc.snapshot().working != snap.working:  # the background work started or ended: redraw it all
         st.rerun()
+    # the table's edits first, so everything drawn below (Undo included) reflects them
+    unit = st.session_state.get("unit", "retention")
+    _apply_edits(unit, f"editor_{state['version']}_{unit}")
     controls()
     if message := st.session_state.pop("preset_error", None):
         st.error(f"Cannot allocate: {message}")
     unit = st.radio("Edit as", ["retention", "rank"], horizontal=True, key="unit")
-    _apply_edits(unit, f"editor_{state['version']}_{unit}")
     for message in st.session_state.pop("edit_errors", []):
         st.error(f"Edit ignored — {message}")
     plan = state["plan"]
@@ -278,7 +238,7 @@ def live(save_slot) -> None:
     else:
         table = table.astype("Int64")
         config = {k: st.column_config.NumberColumn(k, min_value=1, step=1, format="%d") for k in kinds}
-    save_slot.download_button(
+    st.download_button(
         "Save plan (JSON)",
         json.dumps(plan.to_dict(), indent=2),
         file_name="sigmascale_plan.json",
@@ -319,7 +279,7 @@ def live(save_slot) -> None:
         alt.Chart(chart_data)
         .mark_rect()
         .encode(
-            x=alt.X("matrix:N", sort=kinds, title=None),
+            x=alt.X("matrix:N", sort=kinds, title=None, axis=alt.Axis(labelAngle=0)),
             y=alt.Y("layer:O"),
             color=alt.Color("retention:Q", scale=alt.Scale(domain=[0, 1], scheme="blues")),
             tooltip=[
@@ -366,4 +326,42 @@ def live(save_slot) -> None:
         )
 
 
-live(save)
+live()
+
+# -- load a plan, sensitivity source ------------------------------------------------------------------------
+probe = shared.probe_table(shared.config())
+sources = [PROXY] + ([PROBE] if probe is not None else [])
+with st.expander("Sensitivity for the allocated preset"):
+    st.selectbox("Sensitivity from", sources, key="sensitivity_source")
+    st.caption(
+        "The proxy reads each matrix's cached relative-loss curve (every matrix counts the same). The "
+        "perplexity probe truncates one matrix at a time and measures the model's perplexity on a "
+        "calibration-side text: slow on CPU (hours for the bundled model), cached and resumable."
+    )
+    if probe is None and st.button("Run (or load) the perplexity probe", key="run_probe"):
+        try:
+            shared.probe_table(shared.config(), run=True)
+            st.rerun()
+        except Exception as err:
+            shared.show_error(err, "Probing failed")
+
+upload = st.file_uploader("Load a plan (JSON)", type=["json"], key="plan_upload")
+if upload is not None and st.session_state.get("plan_loaded_from") != upload.file_id:
+    st.session_state["plan_loaded_from"] = upload.file_id
+    try:
+        loaded_plan = CompressionPlan.from_dict(json.loads(upload.getvalue().decode("utf-8")))
+        fingerprint = snap.loaded.fingerprint
+        if loaded_plan.model_fingerprint != fingerprint:
+            raise ValueError(
+                f"the plan was made for model {loaded_plan.model_fingerprint}, the loaded model is {fingerprint}"
+            )
+        bank.rank_array(loaded_plan)  # the matrices and shapes must be this model's
+    except (ValueError, UnicodeDecodeError) as err:
+        st.error(f"Cannot load {upload.name}: {err}")
+    else:
+        shared.set_plan(state, loaded_plan)
+        st.session_state.pop("plan_method", None)
+        st.success(
+            f"Loaded {upload.name}: {loaded_plan.method}, {loaded_plan.parameter_retention():.2%} retention."
+        )
+        st.rerun()

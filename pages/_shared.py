@@ -137,6 +137,11 @@ def progress_lines(snap) -> list[tuple[str, float, str]]:
     return lines
 
 
+def _current_stage(snap) -> str:
+    """The first stage not complete (what the worker is busy with, in the order it finishes them)."""
+    return next((name for name, stage in snap.stages.items() if not stage.complete), "learned")
+
+
 def status_panel(watch=None, expanded: bool = False) -> None:
     """The service's progress, refreshed every second while it works; when `watch(snapshot)` changes
     (something the page draws became ready), the whole page reruns to draw it."""
@@ -155,13 +160,18 @@ def status_panel(watch=None, expanded: bool = False) -> None:
         if not now.working and not expanded:
             return
         title = {
-            "loading": "Loading the model…",
+            "loading": "Loading the model",
             "running": "Computing in the background",
             "waiting": "Another process computes these results; showing them as they land",
             "idle": "Everything is computed",
         }[now.state]
-        with st.expander(f"{title}: {now.current or 'idle'}", expanded=expanded or now.state == "loading"):
-            for _name, fraction, text in progress_lines(now):
+        lines = progress_lines(now)
+        if now.working:  # the stage in progress, always in sight
+            stage = _current_stage(now)
+            _, fraction, text = next(line for line in lines if line[0] == stage)
+            st.progress(fraction, text=f"{title}: {text}")
+        with st.expander(f"{title}: {now.current}" if now.current else title, expanded=expanded):
+            for _name, fraction, text in lines:
                 st.progress(fraction, text=text)
             if now.requests:
                 st.caption(f"{now.requests} SigmaScale relearns queued at ranks a plan moved to.")

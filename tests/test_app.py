@@ -315,6 +315,7 @@ def test_sensitivity_preset_from_a_perplexity_probe(app):
 
 
 def test_a_saved_plan_loads_back_and_bad_plans_are_refused(app, tiny, monkeypatch):
+    import streamlit as st
     from streamlit.delta_generator import DeltaGenerator
 
     downloads = {}
@@ -325,6 +326,7 @@ def test_a_saved_plan_loads_back_and_bad_plans_are_refused(app, tiny, monkeypatc
         return original(self, label, data, *args, **kwargs)
 
     monkeypatch.setattr(DeltaGenerator, "download_button", capture)
+    monkeypatch.setattr(st, "download_button", lambda *a, **k: capture(st._main, *a, **k))
     open_page(app, "3_ranks")
     edit(app, {0: {"q": 0.3, "up": 0.6}})
     app.selectbox(key="plan_method").set_value("svdllm").run()
