@@ -131,7 +131,7 @@ def fit_power_law(lam: np.ndarray) -> PowerLawFit:
     alpha = float(alphas[best])
     n_tail = int(tail[best])
     # σ_α = (α − 1) / √n_tail
-    return PowerLawFit(alpha, float(x[best]), float(Ds[best]), n_tail, (alpha - 1.0) / np.sqrt(n_tail))
+    return PowerLawFit(alpha, float(x[best]), float(Ds[best]), n_tail, float((alpha - 1.0) / np.sqrt(n_tail)))
 
 
 def training_flags(alpha: float) -> tuple[bool, bool]:
@@ -301,8 +301,15 @@ DESCRIPTIONS: dict[str, str] = {
 def diagnostics(
     sigma: np.ndarray, shape: tuple[int, int], W: np.ndarray | None = None, seed: int = 0
 ) -> Diagnostics:
-    """All diagnostics of a matrix from its singular values; the shuffled-W numbers need W (NaN without)."""
-    sigma = np.asarray(sigma, dtype=np.float64)
+    """All diagnostics of a matrix from its singular values; the shuffled-W numbers need W (NaN without).
+
+    A zero matrix (a pruned layer) gives NaN/inf numbers, not an exception.
+    """
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return _diagnostics(np.asarray(sigma, dtype=np.float64), shape, W, seed)
+
+
+def _diagnostics(sigma: np.ndarray, shape: tuple[int, int], W: np.ndarray | None, seed: int) -> Diagnostics:
     lam = eigenvalues(sigma)
     tol = rank_tolerance(sigma, shape)
     pl = fit_power_law(lam[lam > tol**2])
@@ -335,7 +342,7 @@ def diagnostics(
         rand_lambda_max=rand_max,
         rand_lambda_plus=rand_plus,
         num_traps=traps,
-        rand_softrank=rand_max / float(lam[-1]),
+        rand_softrank=float(np.divide(rand_max, lam[-1])),
         hard_rank=hard_rank(sigma, shape),
         rank_loss=rank_loss(sigma, shape),
         under_trained=under,

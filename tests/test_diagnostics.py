@@ -152,6 +152,13 @@ def test_hard_rank_of_rank_deficient_matrix():
     assert d.n_tail <= 7  # numerical zeros are not part of the power-law fit
 
 
+def test_zero_matrix_gives_nan_not_an_exception():
+    W = np.zeros((5, 8))
+    d = diagnostics(svals(W), W.shape, W)
+    assert (d.hard_rank, d.rank_loss) == (0, 5)
+    assert np.isnan(d.alpha) and not d.under_trained and not d.over_trained
+
+
 def test_esd_histogram_log_bins_and_density():
     lam = pareto_sample(3.0, 1000, 1.0, seed=2)
     edges, centres, density = esd_histogram(np.concatenate([lam, [0.0]]), bins=20)
