@@ -11,6 +11,7 @@ from pages import _shared as shared
 from sigmascale_core.allocation import allocate_ranks, damage_curves
 from sigmascale_core.methods import METHODS
 from sigmascale_core.plan import CompressionPlan
+from sigmascale_core.progress import format_seconds
 
 st.title("Ranks")
 snap = shared.ready_snapshot()
@@ -338,12 +339,25 @@ with st.expander("Sensitivity for the allocated preset"):
         "perplexity probe truncates one matrix at a time and measures the model's perplexity on a "
         "calibration-side text: slow on CPU (hours for the bundled model), cached and resumable."
     )
-    if probe is None and st.button("Run (or load) the perplexity probe", key="run_probe"):
+    running = shared.active_probe(shared.config())
+    if running is not None:
+        progress = running.progress()
+        st.progress(
+            progress.fraction if progress else 0.0,
+            text=f"Probing in the background ({running.status}): "
+            + (
+                f"{progress.stage} {progress.done}/{progress.total}, about {format_seconds(progress.eta)} left"
+                if progress
+                else "starting"
+            )
+            + " — follow or cancel it on the Run page.",
+        )
+    elif probe is None and st.button("Run the perplexity probe in the background", key="run_probe"):
         try:
-            shared.probe_table(shared.config(), run=True)
+            shared.start_probe(shared.config())
             st.rerun()
-        except Exception as err:
-            shared.show_error(err, "Probing failed")
+        except ValueError as err:
+            shared.show_error(err, "Cannot start the probe")
 
 upload = st.file_uploader("Load a plan (JSON)", type=["json"], key="plan_upload")
 if upload is not None and st.session_state.get("plan_loaded_from") != upload.file_id:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import threading
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 
 import streamlit as st
 
@@ -199,33 +199,67 @@ def ready_snapshot(watch=None):
     return snap
 
 
-def probe_table(cfg: AppConfig, run: bool = False):
-    """The perplexity sensitivity table (sigmascale_core.probing) of the config's model: from memory,
-    else (when `run`) from probing's disk cache or probed now with a progress bar; None if not run."""
-    svc = service(cfg)
-    snap = svc.snapshot()
-    if snap.loaded is None or not snap.stats_ready:
+def _probe_runs(cfg: AppConfig):
+    """This model's probe runs (newest first) with the config's calibration text; the table inside is
+    checked against the loaded model's fingerprint when read."""
+    from sigmascale_core import jobs
+
+    return [
+        r
+        for r in jobs.list_runs()
+        if r.spec.get("kind") == "probe"
+        and r.spec.get("model") == cfg.model
+        and r.spec.get("text") == cfg.text
+    ]
+
+
+def probe_table(cfg: AppConfig):
+    """The sensitivity table of the newest finished probe run for the loaded model, else None."""
+    from sigmascale_core import jobs
+    from sigmascale_core.probing import SensitivityTable
+
+    snap = service(cfg).snapshot()
+    if snap.loaded is None:
         return None
-    box = _box("probe", snap.loaded.fingerprint, json.dumps(asdict(cfg.calibration()), sort_keys=True))
-    with box["lock"]:
-        if "table" not in box and run:
-            from sigmascale_core.pipeline import calibrate
-            from sigmascale_core.probing import ProbeConfig, probe
+    for record in _probe_runs(cfg):
+        path = record.path / jobs.PROBE_TABLE
+        if record.status == "done" and path.is_file():
+            try:
+                table = SensitivityTable.load(path)
+            except ValueError:
+                continue
+            if table.model_fingerprint == snap.loaded.fingerprint:
+                return table
+    return None
 
-            bar = st.progress(0.0, text="Probing: perplexity with one matrix truncated at a time")
 
-            def update(done: int, total: int, what: str) -> None:
-                bar.progress(min(done / max(total, 1), 1.0), text=f"Probing: {what} {done}/{total}")
+def active_probe(cfg: AppConfig):
+    """The RunRecord of a probe run still queued or running for this model, else None."""
+    from sigmascale_core import jobs
 
-            with svc.model_lock:  # never beside the calibration sweep's hooks
-                cal, info = calibrate(snap.loaded, cfg.calibration())
-                config_ = ProbeConfig(text=cfg.text, evaluation=(*cfg.evaluation, cfg.heldout_text))
-                calibration = (cfg.text, cfg.samples, info["seq_len"], cfg.seed)
-                box["table"], box["info"] = probe(
-                    snap.loaded, cal, config_, calibration=calibration, progress=update
-                )
-            bar.empty()
-    return box.get("table")
+    snap = service(cfg).snapshot()
+    if snap.loaded is None:
+        return None
+    return next((r for r in _probe_runs(cfg) if r.status in jobs.ACTIVE), None)
+
+
+def start_probe(cfg: AppConfig):
+    """Start the perplexity probe as a background run (a process of its own: hours on a CPU)."""
+    from sigmascale_core import jobs
+
+    spec = jobs.RunSpec(
+        kind="probe",
+        model=cfg.model,
+        device=cfg.device,
+        dtype=cfg.dtype,
+        text=cfg.text,
+        samples=cfg.samples,
+        seq_len=cfg.seq_len,
+        seed=cfg.seed,
+        evaluation=tuple(dict.fromkeys((*cfg.evaluation, cfg.heldout_text))),
+        label="perplexity probe",
+    )
+    return jobs.start_run(spec)
 
 
 @st.cache_resource(max_entries=32, show_spinner=False)

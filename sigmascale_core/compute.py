@@ -19,12 +19,14 @@ Nothing here imports Streamlit: pages read `snapshot()` and call `focus` / `requ
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fcntl
 import json
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -162,6 +164,7 @@ class ComputeService:
         """Start the worker thread (once); returns self."""
         with self._lock:
             if self._thread is None:
+                _STARTED.add(self)
                 self._thread = threading.Thread(target=self._run, name="sigmascale-compute", daemon=True)
                 self._thread.start()
         return self
@@ -520,6 +523,17 @@ class ComputeService:
             self._stages["calibration"] = calibration
             if calibration.complete and not self._stats_layers:
                 self._load_cached_stats()
+
+
+_STARTED: weakref.WeakSet[ComputeService] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all() -> None:
+    """Let every worker finish its task before the interpreter goes: a thread killed inside torch at
+    exit aborts the process (status 134)."""
+    for service in list(_STARTED):
+        service.stop(timeout=60)
 
 
 def _load(config: ServiceConfig) -> LoadedModel:

@@ -52,7 +52,8 @@ MAX_RUNS_ENV = "SIGMASCALE_MAX_RUNS"  # how many runs may compute at once; defau
 PROGRESS_FILE = "progress.jsonl"  # the steps' ProgressEvents, one JSON line each (the CLI's --progress-json)
 ACTIVE = ("queued", "running")
 FINAL = ("done", "failed", "cancelled")
-KINDS = ("compress", "dense")  # compress a plan / evaluate the dense model (the baseline)
+KINDS = ("compress", "dense", "probe")  # compress a plan / evaluate the dense model / sensitivity probe
+PROBE_TABLE = "probe.json"  # a probe run's sensitivity table, in its folder
 CANCEL_GRACE_S = 15.0  # after a cancel, how long a step may take to exit before it is killed
 ERROR_LINES = 20  # lines of stderr kept in a failed run's error
 
@@ -65,7 +66,7 @@ def runs_root() -> Path:
 class RunSpec:
     """What a run does; the steps (CLI commands) are derived from it by `build_steps`."""
 
-    kind: str  # "compress" (the plan) or "dense" (evaluate the uncompressed model: the baseline)
+    kind: str  # "compress" (the plan), "dense" (the uncompressed model: the baseline) or "probe" (sensitivity)
     model: str  # model source, as the CLI's --model
     device: str = "cpu"  # torch device
     dtype: str = "float32"  # weights dtype while working
@@ -127,6 +128,13 @@ def build_steps(spec: RunSpec, run_dir: Path) -> list[Step]:
     model_args += ["--progress-json", str(run_dir / PROGRESS_FILE)]
     max_tokens = [] if spec.max_eval_tokens is None else ["--max-eval-tokens", str(spec.max_eval_tokens)]
     limit = [] if spec.task_limit is None else ["--limit", str(spec.task_limit)]
+    calibration = ["--text", spec.text, "--samples", str(spec.samples), "--seed", str(spec.seed)]
+    if spec.seq_len is not None:
+        calibration += ["--seq-len", str(spec.seq_len)]
+    if spec.kind == "probe":  # perplexity with one matrix truncated at a time; checked against `evaluation`
+        argv = [*_cli(), "probe", *model_args, *calibration, "--eval", ",".join(spec.evaluation)]
+        argv += ["--out", str(run_dir / PROBE_TABLE), "--report", str(run_dir / "probe_report.json")]
+        return [Step("probe", argv, "probe_report.json")]
     if spec.kind == "dense":
         tasks = (["ppl"] if spec.evaluation else []) + list(spec.tasks)
         argv = [*_cli(), "eval", *model_args, "--tasks", ",".join(tasks)]
@@ -134,9 +142,6 @@ def build_steps(spec: RunSpec, run_dir: Path) -> list[Step]:
             argv += ["--text", ",".join(spec.evaluation), *max_tokens]
         argv += [*limit, "--report", str(run_dir / "evaluate.json")]
         return [Step("evaluate", argv, "evaluate.json")]
-    calibration = ["--text", spec.text, "--samples", str(spec.samples), "--seed", str(spec.seed)]
-    if spec.seq_len is not None:
-        calibration += ["--seq-len", str(spec.seq_len)]
     argv = [*_cli(), "compress", *model_args, *calibration, "--plan", str(run_dir / "plan.json")]
     argv += ["--out", str(run_dir / "model")]
     if spec.finetune_steps:

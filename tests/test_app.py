@@ -302,8 +302,11 @@ def test_a_layer_slider_reporting_its_drawn_value_changes_nothing(app, tiny):
 def test_sensitivity_preset_from_a_perplexity_probe(app):
     open_page(app, "3_ranks")
     assert app.selectbox(key="sensitivity_source").options == ["loss curves (proxy, instant)"]
-    app.button(key="run_probe").click().run()
+    app.button(key="run_probe").click().run()  # a background run: the page never waits for it
     assert not app.exception and not app.error
+    (run,) = [r for r in jobs.list_runs() if r.spec["kind"] == "probe"]
+    assert _wait(run.id).status == "done"
+    app.run()
     source = app.selectbox(key="sensitivity_source")
     assert source.options == ["loss curves (proxy, instant)", "perplexity probe"]
     source.set_value("perplexity probe").run()
