@@ -243,7 +243,7 @@ if ppl_columns:
                 x=alt.X(
                     "retention:Q",
                     title="parameter retention",
-                    scale=alt.Scale(zero=False),
+                    scale=alt.Scale(zero=False, padding=24),  # no point on the chart's edge
                     axis=alt.Axis(format="~%"),
                 ),
                 y=alt.Y(
