@@ -357,12 +357,9 @@ def _results(record: jobs.RunRecord, records: list[jobs.RunRecord]) -> None:
         st.dataframe(
             pd.DataFrame(
                 [
-                    {
-                        "task": name,
-                        "accuracy": result.get("acc"),
-                        "dense": (dense_tasks.get(name) or {}).get("acc"),
-                        "items": result.get("n"),
-                    }
+                    {"task": name, "accuracy": result.get("acc")}
+                    | ({"dense": (dense_tasks.get(name) or {}).get("acc")} if dense else {})
+                    | {"items": result.get("n")}
                     for name, result in tasks.items()
                 ]
             ),

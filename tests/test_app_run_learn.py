@@ -62,6 +62,8 @@ def test_one_run_shows_perplexity_and_accuracy_beside_the_dense_baseline(app, ti
     assert "40.25 before fine-tuning" in ppl.help and text in ppl.help
     assert shown["Zero-shot accuracy"].body == "55.0%" and not shown["Zero-shot accuracy"].delta
     assert shown["Retention"].body == "75.00%"
+    tasks = next(d.value for d in app.dataframe if "task" in d.value.columns)
+    assert list(tasks.columns) == ["task", "accuracy", "items"]  # no empty dense column
     assert "No dense baseline" in " ".join(c.value for c in app.caption)
     assert not any("Dashed" in c.value for c in app.caption)  # the chart has no dense line yet
 
