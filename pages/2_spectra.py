@@ -109,6 +109,8 @@ available = [x for x in ("svd", "asvd", "svdllm", "sigmascale") if bank.sigma(na
 pending = [LABELS[x] for x in LABELS if x not in available]
 if pending:
     st.info(f"Computing next (this matrix jumps the queue): {', '.join(pending)}.")
+if not available:
+    st.stop()  # the status panel reruns the page as soon as this matrix's first spectrum lands
 if learned is not None:
     st.caption(
         f"SigmaScale learned its scaling for this matrix at rank {learned.rank}, then applies it unchanged "

@@ -1,7 +1,9 @@
 """Run: commit the plan to a background compression + evaluation run; follow it; compare results."""
 
+import itertools
 import json
 import time
+from pathlib import Path
 
 import altair as alt
 import pandas as pd
@@ -27,9 +29,24 @@ def _task_names() -> list[str]:
 
 
 def _current_plan():
-    """(plan, where it came from): the Ranks page's plan when this session has one, else None."""
+    """The Ranks page's plan when this session has one (its method chosen here), else None."""
     state = st.session_state.get("plan")
-    return None if state is None else state["plan"]
+    if state is None:
+        return None
+
+    def set_method() -> None:
+        shared.set_plan(state, state["plan"].with_method(st.session_state["run_plan_method"]))
+
+    st.selectbox(
+        "Method",
+        METHODS,
+        index=METHODS.index(state["plan"].method),
+        key="run_plan_method",
+        on_change=set_method,
+        help="the decomposition the run will use (the same choice as on the Ranks page)",
+        width=280,
+    )
+    return state["plan"]
 
 
 # -- what to run ------------------------------------------------------------------------------------------
@@ -109,7 +126,7 @@ if go or baseline:
             tasks=tuple(tasks),
             task_limit=int(limit),
             finetune_steps=int(finetune_steps) if finetune and not baseline else 0,
-            label=label.strip(),
+            label="dense baseline" if baseline else label.strip(),
         )
         run_plan = None
         if not baseline:
@@ -173,6 +190,7 @@ st.fragment(run_every=2.0 if active_now else None)(_live)()
 
 # -- history -------------------------------------------------------------------------------------------------
 def _row(record: jobs.RunRecord) -> dict:
+    """A run as a History row: what it is, then its results, then how it was run."""
     plan_file = record.path / "plan.json"
     plan_data = {}
     if plan_file.exists():
@@ -182,29 +200,29 @@ def _row(record: jobs.RunRecord) -> dict:
             plan_data = {}
     report = record.report or {}
     spec = record.spec
+    dense = record.meta.get("kind") == "dense"
     row = {
         "run": record.id,
         "label": record.meta.get("label") or "",
         "kind": record.meta.get("kind", ""),
         "status": record.status,
-        "method": plan_data.get("method", "dense" if record.meta.get("kind") == "dense" else ""),
-        "retention": plan_data.get(
-            "parameter_retention", 1.0 if record.meta.get("kind") == "dense" else None
-        ),
-        "model retention": report.get("model_retention", 1.0 if record.meta.get("kind") == "dense" else None),
+        "method": plan_data.get("method", "dense" if dense else ""),
+        "retention": plan_data.get("parameter_retention", 1.0 if dense else None),
+    }
+    for text, result in (report.get("perplexity") or {}).items():
+        row[f"ppl {text}"] = result.get("perplexity")
+    zero = report.get("zero_shot") or {}
+    if zero.get("mean_acc") is not None:
+        row["zero-shot mean acc"] = zero["mean_acc"]
+    for text, result in (report.get("perplexity_before_finetune") or {}).items():
+        row[f"ppl {text} before fine-tune"] = result.get("perplexity")
+    return row | {
+        "model retention": report.get("model_retention", 1.0 if dense else None),
         "model": spec.get("model", ""),
         "max tokens": spec.get("max_eval_tokens"),
         "fine-tune steps": spec.get("finetune_steps", 0),
         "seconds": record.seconds,
     }
-    for text, result in (report.get("perplexity") or {}).items():
-        row[f"ppl {text}"] = result.get("perplexity")
-    for text, result in (report.get("perplexity_before_finetune") or {}).items():
-        row[f"ppl {text} before fine-tune"] = result.get("perplexity")
-    zero = report.get("zero_shot") or {}
-    if zero.get("mean_acc") is not None:
-        row["zero-shot mean acc"] = zero["mean_acc"]
-    return row
 
 
 st.subheader("History")
@@ -226,16 +244,24 @@ if ppl_columns:
             alt.Chart(done[done["kind"] == "compress"])
             .mark_point(filled=True, size=90)
             .encode(
-                x=alt.X("retention:Q", title="parameter retention", scale=alt.Scale(zero=False)),
+                x=alt.X(
+                    "retention:Q",
+                    title="parameter retention",
+                    scale=alt.Scale(zero=False, padding=24),  # no point on the chart's edge
+                    axis=alt.Axis(format="~%"),
+                ),
                 y=alt.Y(
-                    "perplexity:Q", title=which.replace("ppl ", "perplexity on "), scale=alt.Scale(type="log")
+                    "perplexity:Q",
+                    title=which.replace("ppl ", "perplexity on "),
+                    scale=alt.Scale(type="log"),
+                    axis=alt.Axis(format="~s"),  # 20, 500, 2k, 1M: one notation on every tick
                 ),
                 color="method:N",
                 tooltip=[
                     "run",
                     "label",
                     "method",
-                    alt.Tooltip("retention:Q", format=".3f"),
+                    alt.Tooltip("retention:Q", format=".2%"),
                     alt.Tooltip("perplexity:Q", format=".3f"),
                 ],
             )
@@ -253,7 +279,105 @@ if ppl_columns:
             )
             chart = points + rule
         st.altair_chart(chart.interactive(), width="stretch")
-        st.caption("Dashed: the dense model. Compare runs evaluated with the same texts and token budget.")
+        st.caption(
+            ("Dashed: the dense model. " if len(dense) else "")
+            + "Compare runs evaluated with the same texts and token budget."
+        )
+
+
+def _text_name(text: str) -> str:
+    """A perplexity text spec, short enough for a metric's label: a file's name, else the spec."""
+    return Path(text.removeprefix("file:")).name if text.startswith("file:") else text
+
+
+def _baseline(record: jobs.RunRecord, records: list[jobs.RunRecord]) -> jobs.RunRecord | None:
+    """The newest finished dense run of `records` evaluated like `record` (same model, token budget and
+    items per task); None for a dense run."""
+    if record.meta.get("kind") == "dense":
+        return None
+    same = ("model", "max_eval_tokens", "task_limit")
+    return next(
+        (
+            r
+            for r in records
+            if r.meta.get("kind") == "dense"
+            and r.report is not None
+            and all(r.spec.get(k) == record.spec.get(k) for k in same)
+        ),
+        None,
+    )
+
+
+def _results(record: jobs.RunRecord, records: list[jobs.RunRecord]) -> None:
+    """The run's perplexity per text and zero-shot accuracy, each beside the dense baseline's."""
+    report, dense = record.report, _baseline(record, records)
+    dense_report = dense.report if dense else {}
+    ppl = report.get("perplexity") or {}
+    before = report.get("perplexity_before_finetune") or {}
+    dense_ppl = dense_report.get("perplexity") or {}
+    zero, dense_zero = report.get("zero_shot") or {}, dense_report.get("zero_shot") or {}
+    tasks, dense_tasks = zero.get("tasks") or {}, dense_zero.get("tasks") or {}
+    row = _row(record)
+    metrics = []  # st.metric's arguments, four to a row
+    if row["retention"] is not None:
+        whole = row["model retention"]
+        metrics.append(
+            {
+                "label": "Retention",
+                "value": f"{row['retention']:.2%}",
+                "help": "parameter retention of the target matrices"
+                + (f"; whole model {whole:.2%}" if whole is not None else ""),
+            }
+        )
+    for text, result in ppl.items():
+        value, base = result["perplexity"], dense_ppl.get(text, {}).get("perplexity")
+        metrics.append(
+            {
+                "label": f"Perplexity · {_text_name(text)}",
+                "value": f"{value:.2f}",
+                "delta": None if base is None else f"{value - base:+.2f}",
+                "delta_color": "inverse",  # lower perplexity is better
+                "delta_description": None if base is None else f"vs dense {base:.2f}",
+                "help": f"perplexity on `{text}` (lower is better)"
+                + (f"; {before[text]['perplexity']:.2f} before fine-tuning" if text in before else ""),
+            }
+        )
+    if zero.get("mean_acc") is not None:
+        comparable = dense_zero.get("mean_acc") is not None and set(dense_tasks) == set(tasks)
+        mean, base = zero["mean_acc"], dense_zero.get("mean_acc")
+        metrics.append(
+            {
+                "label": "Zero-shot accuracy",
+                "value": f"{mean:.1%}",
+                "delta": f"{(mean - base) * 100:+.1f} pts" if comparable else None,
+                "delta_description": f"vs dense {base:.1%}" if comparable else None,
+                "help": f"mean accuracy over {len(tasks)} tasks ({', '.join(tasks)}), "
+                f"at most {record.spec.get('task_limit')} items each",
+            }
+        )
+    for col, kwargs in zip(itertools.cycle(st.columns(4)), metrics):
+        col.metric(**kwargs)
+    if tasks:
+        st.dataframe(
+            pd.DataFrame(
+                [
+                    {"task": name, "accuracy": result.get("acc")}
+                    | ({"dense": (dense_tasks.get(name) or {}).get("acc")} if dense else {})
+                    | {"items": result.get("n")}
+                    for name, result in tasks.items()
+                ]
+            ),
+            hide_index=True,
+            column_config={
+                "accuracy": st.column_config.NumberColumn(format="percent"),
+                "dense": st.column_config.NumberColumn(format="percent"),
+            },
+        )
+    if dense is not None:
+        st.caption(f"Dense baseline: run `{dense.id}` (same model, token budget and items per task).")
+    elif record.meta.get("kind") != "dense":
+        st.caption("No dense baseline evaluated like this run yet: **Evaluate the dense model** above.")
+
 
 st.subheader("One run")
 chosen = st.selectbox(
@@ -275,6 +399,8 @@ if record.status == "failed":
     st.error(meta.get("error") or "failed without a message")
 elif record.status == "cancelled":
     st.warning("Cancelled: nothing half-written was kept.")
+if record.report is not None:
+    _results(record, records)
 timing = [
     {"step": s["name"], "status": s.get("status"), "seconds": s.get("seconds")} for s in meta.get("steps", [])
 ]

@@ -63,11 +63,15 @@ with st.expander("Row scales (log₂)"):
 result = spectra.toy_truncation(toy, row_log2, col_log2, rank)
 a, b_, c = st.columns(3)
 a.metric("Plain error ‖W−W′‖² / ‖W‖²", f"{result.plain_error:.4f}")
+gap = round(result.activation_error - result.optimal_activation_error, 4)  # at the metric's precision
 b_.metric(
     "Activation error ‖(W−W′)X‖² / ‖WX‖²",
     f"{result.activation_error:.4f}",
-    delta=f"{result.activation_error - result.optimal_activation_error:+.4f} vs best",
-    delta_color="inverse",
+    **(
+        {"delta": f"{gap:+.4f}", "delta_color": "inverse", "delta_description": "vs best"}  # lower is better
+        if gap
+        else {"delta": "at the optimum", "delta_color": "off", "delta_arrow": "off"}
+    ),
 )
 c.metric("Best possible at this rank (whitening)", f"{result.optimal_activation_error:.4f}")
 
@@ -96,12 +100,14 @@ left.altair_chart(
     alt.Chart(sigma)
     .mark_line(point=True)
     .encode(
-        x=alt.X("i:Q", title="index"),
-        y=alt.Y("σ / σ₁:Q", scale=alt.Scale(type="log")),
+        x=alt.X("i:Q", title="index", axis=alt.Axis(format="d", tickMinStep=1)),
+        y=alt.Y("σ / σ₁:Q", scale=alt.Scale(type="log"), axis=alt.Axis(format=".0e")),
         color=alt.Color(
-            "spectrum:N", scale=alt.Scale(domain=["W", "scaled W"], range=["#555555", "#d62728"])
+            "spectrum:N",
+            scale=alt.Scale(domain=["W", "scaled W"], range=["#555555", "#d62728"]),
+            legend=alt.Legend(orient="bottom", labelLimit=0),
         ),
-        tooltip=["spectrum", "i", alt.Tooltip("σ / σ₁:Q", format=".4f")],
+        tooltip=["spectrum", "i", alt.Tooltip("σ / σ₁:Q", format=".3e")],
     )
     + cut,
     width="stretch",
@@ -130,7 +136,11 @@ right.altair_chart(
     .encode(
         x=alt.X("a:Q", title=f"channel {loud}"),
         y=alt.Y("b:Q", title=f"channel {other}"),
-        color=alt.Color("inputs:N", scale=alt.Scale(range=["#d62728", "#555555"])),
+        color=alt.Color(
+            "inputs:N",
+            scale=alt.Scale(range=["#d62728", "#555555"]),
+            legend=alt.Legend(orient="bottom", direction="vertical", labelLimit=0),
+        ),
         tooltip=["inputs", alt.Tooltip("a:Q", format=".3f"), alt.Tooltip("b:Q", format=".3f")],
     )
     .interactive(),
