@@ -290,27 +290,9 @@ def _text_name(text: str) -> str:
     return Path(text.removeprefix("file:")).name if text.startswith("file:") else text
 
 
-def _baseline(record: jobs.RunRecord, records: list[jobs.RunRecord]) -> jobs.RunRecord | None:
-    """The newest finished dense run of `records` evaluated like `record` (same model, token budget and
-    items per task); None for a dense run."""
-    if record.meta.get("kind") == "dense":
-        return None
-    same = ("model", "max_eval_tokens", "task_limit")
-    return next(
-        (
-            r
-            for r in records
-            if r.meta.get("kind") == "dense"
-            and r.report is not None
-            and all(r.spec.get(k) == record.spec.get(k) for k in same)
-        ),
-        None,
-    )
-
-
 def _results(record: jobs.RunRecord, records: list[jobs.RunRecord]) -> None:
     """The run's perplexity per text and zero-shot accuracy, each beside the dense baseline's."""
-    report, dense = record.report, _baseline(record, records)
+    report, dense = record.report, jobs.dense_baseline(record, records)
     dense_report = dense.report if dense else {}
     ppl = report.get("perplexity") or {}
     before = report.get("perplexity_before_finetune") or {}

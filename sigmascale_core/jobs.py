@@ -66,7 +66,9 @@ def runs_root() -> Path:
 class RunSpec:
     """What a run does; the steps (CLI commands) are derived from it by `build_steps`."""
 
-    kind: str  # "compress" (the plan), "dense" (the uncompressed model: the baseline) or "probe" (sensitivity)
+    kind: (
+        str  # "compress" (the plan), "dense" (the uncompressed model: the baseline) or "probe" (sensitivity)
+    )
     model: str  # model source, as the CLI's --model
     device: str = "cpu"  # torch device
     dtype: str = "float32"  # weights dtype while working
@@ -382,6 +384,24 @@ def list_runs(root: Path | None = None) -> list[RunRecord]:
         return []
     dirs = [p for p in root.iterdir() if p.is_dir() and (p / "meta.json").exists()]
     return [read_run(p) for p in sorted(dirs, key=lambda p: p.name, reverse=True)]
+
+
+def dense_baseline(record: RunRecord, records: list[RunRecord]) -> RunRecord | None:
+    """The newest finished dense run of `records` evaluated like `record` (same model, token budget and
+    items per task); None for a dense run."""
+    if record.meta.get("kind") == "dense":
+        return None
+    same = ("model", "max_eval_tokens", "task_limit")
+    return next(
+        (
+            r
+            for r in records
+            if r.meta.get("kind") == "dense"
+            and r.report is not None
+            and all(r.spec.get(k) == record.spec.get(k) for k in same)
+        ),
+        None,
+    )
 
 
 def _cleanup(run_dir: Path, model: bool = False) -> None:

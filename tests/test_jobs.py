@@ -266,3 +266,19 @@ def test_progress_is_the_last_event_of_progress_jsonl(tmp_path):
     (tmp_path / jobs.PROGRESS_FILE).write_text("".join(e.to_json() + "\n" for e in events) + '{"stage": "co')
     assert record.progress() == events[-1]  # a line being written is skipped
     assert jobs.tail_lines("a\rb\n\nc\rd\n", 5) == "b\nd"
+
+
+def test_the_dense_baseline_is_the_newest_finished_dense_run_evaluated_alike(tmp_path):
+    def record(name, kind, report=True, **spec):
+        base = {"model": "m", "max_eval_tokens": 8192, "task_limit": 100}
+        return jobs.RunRecord(tmp_path / name, {"kind": kind}, {**base, **spec}, {} if report else None)
+
+    compressed = record("c", "compress")
+    newest_other_budget = record("d3", "dense", max_eval_tokens=256)
+    unfinished = record("d2", "dense", report=False)
+    alike = record("d1", "dense")
+    older = record("d0", "dense")
+    records = [newest_other_budget, unfinished, alike, older]  # newest first, as list_runs gives them
+    assert jobs.dense_baseline(compressed, records) is alike
+    assert jobs.dense_baseline(alike, records) is None  # a dense run has no baseline
+    assert jobs.dense_baseline(record("c2", "compress", model="other"), records) is None
