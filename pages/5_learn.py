@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from sigmascale_core import spectra
+from sigmascale_core import toy as toys
 
 st.title("Learn: scaling before truncating")
 st.markdown(
@@ -26,8 +26,8 @@ scales only move the error around. Try the second example.
 """
 )
 
-kind = st.radio("Example", spectra.TOYS, horizontal=True, key="toy")
-toy = spectra.toy_problem(kind)
+kind = st.radio("Example", toys.TOYS, horizontal=True, key="toy")
+toy = toys.toy_problem(kind)
 m, n = toy.W.shape
 rank = st.slider("Rank kept k", 1, min(m, n) - 1, 2, key="toy_rank")
 
@@ -47,9 +47,9 @@ def _set(cols: np.ndarray, rows: np.ndarray | None = None) -> None:
 
 b = st.columns(3)
 b[0].button("Identity (plain SVD)", on_click=_set, args=(np.zeros(n),), key="toy_identity")
-b[1].button("ASVD scales", on_click=_set, args=(spectra.asvd_log2_scales(toy),), key="toy_asvd")
+b[1].button("ASVD scales", on_click=_set, args=(toys.asvd_log2_scales(toy),), key="toy_asvd")
 if b[2].button("Learn (SigmaScale)", key="toy_learn"):
-    rows, cols = spectra.learned_log2_scales(toy, rank)
+    rows, cols = toys.learned_log2_scales(toy, rank)
     cols_shift = cols - cols.mean()  # the gauge: a common shift of rows and columns changes nothing
     _set(cols_shift, rows + cols.mean())
 
@@ -60,7 +60,7 @@ with st.expander("Row scales (log₂)"):
     row_sliders = st.columns(m)
     row_log2 = [row_sliders[i].slider(f"r{i}", -4.0, 4.0, step=0.05, key=f"row_{i}") for i in range(m)]
 
-result = spectra.toy_truncation(toy, row_log2, col_log2, rank)
+result = toys.toy_truncation(toy, row_log2, col_log2, rank)
 a, b_, c = st.columns(3)
 a.metric("Plain error ‖W−W′‖² / ‖W‖²", f"{result.plain_error:.4f}")
 gap = round(result.activation_error - result.optimal_activation_error, 4)  # at the metric's precision
