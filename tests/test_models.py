@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from corrupt import flip_tensor_byte
 from tokenizers import Tokenizer, pre_tokenizers, processors
 from tokenizers.models import WordLevel
 from torch import nn
@@ -285,6 +286,33 @@ def test_copy_validity_detects_truncation_and_other_sources(tmp_path, fake_gguf)
     (copy / models._MANIFEST).unlink()
     assert not models._copy_is_valid(copy, fake_gguf)
     assert not models._copy_is_valid(tmp_path / "absent", fake_gguf)
+
+
+def test_copy_validity_checks_every_byte_of_the_weights(tmp_path, fake_gguf):
+    copy = tmp_path / "copy"
+    save_tiny(copy)
+    models._write_manifest(copy, fake_gguf)
+    assert models._copy_is_valid(copy, fake_gguf)
+    flip_tensor_byte(copy / "model.safetensors", "model.layers.1.mlp.down_proj.weight", -1, 0x01)
+    assert not models._copy_is_valid(copy, fake_gguf)
+
+
+def test_a_damaged_bundled_copy_is_reconverted_on_load(tmp_path, fake_gguf, monkeypatch):
+    monkeypatch.setenv("SIGMASCALE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(models, "bundled_gguf_path", lambda: fake_gguf)
+    conversions = []
+    monkeypatch.setattr(models, "_convert_into", lambda gguf, d: conversions.append(save_tiny(d)))
+    first = load_model(BUNDLED_MODEL)
+    expected = model_fingerprint(conversions[0])  # the model as saved (save_pretrained adds architectures)
+    assert first.fingerprint == expected and len(conversions) == 1
+    assert load_model(BUNDLED_MODEL).fingerprint == expected and len(conversions) == 1  # reused
+    weights = models.bundled_model_dir() / "model.safetensors"
+    flip_tensor_byte(weights, "model.layers.0.self_attn.q_proj.weight", 0, 0x01)  # lowest mantissa bit
+    loaded = load_model(BUNDLED_MODEL)
+    assert len(conversions) == 2
+    assert loaded.fingerprint == expected
+    reference = tiny_model().state_dict()
+    assert all(torch.equal(t, reference[n]) for n, t in loaded.model.state_dict().items())
 
 
 def test_convert_gguf_replaces_a_corrupt_copy_atomically(tmp_path, fake_gguf, monkeypatch):
