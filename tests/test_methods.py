@@ -193,3 +193,64 @@ def test_non_finite_inputs_raise(layer):
     bad_stats.gram[1, 1] = float("inf")
     with pytest.raises(ValueError, match="NaN or Inf"):
         decompose(W, bad_stats, 2, "svdllm")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rank-deficient W: zero directions give zero factors and every method reaches its own optimum
+
+
+def rank_deficient(m: int, n: int, rank: int, zero_rows: int, duplicate: bool, seed: int) -> torch.Tensor:
+    """An (m, n) float64 matrix of rank ≤ `rank`: a product of thin factors, some zero rows, and
+    optionally its last column a copy of its first."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(m, rank, generator=g, dtype=torch.float64) @ torch.randn(
+        rank, n, generator=g, dtype=torch.float64
+    )
+    W[:zero_rows] = 0
+    if duplicate:
+        W[:, -1] = W[:, 0]
+    return W
+
+
+def scaled_metric(W64, factors, method, X):
+    """(W_s, error_s): the matrix each method truncates and the approximation error in its own
+    metric, all float64 from the raw inputs (the optimum of that error is the tail of W_s's spectrum)."""
+    row = torch.ones(W64.shape[0], dtype=torch.float64) if factors.row_scale is None else factors.row_scale
+    col = torch.ones(W64.shape[1], dtype=torch.float64) if factors.col_scale is None else factors.col_scale
+    E = W64 - factors.left.double() @ factors.right.double()
+    if method == "svdllm":  # min over rank-k W′ of ‖(W − W′)Xᵀ‖ for X of full column rank
+        return W64 @ X.T, E @ X.T
+    row, col = row.double()[:, None], col.double()
+    return row * W64 * col, row * E * col
+
+
+@settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    m=st.integers(3, 20),
+    n=st.integers(3, 20),
+    true_rank=st.integers(1, 6),
+    zero_rows=st.integers(0, 3),
+    duplicate=st.booleans(),
+    rank_fraction=st.floats(0.05, 1.0),
+    seed=st.integers(0, 1000),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
+def test_rank_deficient_w_gives_finite_factors_and_the_optimal_loss(
+    m, n, true_rank, zero_rows, duplicate, rank_fraction, seed, dtype
+):
+    W = rank_deficient(m, n, true_rank, min(zero_rows, m - 1), duplicate, seed).to(dtype)
+    W64 = W.double()  # the matrix the methods see, exactly
+    X = anisotropic_inputs(3 * n + 10, n, seed + 1)
+    stats = ActivationStats.from_inputs(X)
+    k = max(1, round(rank_fraction * min(m, n)))
+    rank_of_W = int(torch.linalg.matrix_rank(W64))
+    tolerance = 1e-10 if dtype == torch.float64 else 1e-5  # of ‖W_s‖²; float32 factors round at ~6e-8
+    for method in METHODS:
+        factors = decompose(W, stats, k, method, **({"steps": 3} if method == "sigmascale" else {}))
+        assert torch.isfinite(factors.left).all() and torch.isfinite(factors.right).all(), method
+        Ws, error = scaled_metric(W64, factors, method, X.double())
+        optimum = torch.linalg.svdvals(Ws)[k:].square().sum()
+        scale = Ws.square().sum()
+        assert abs(error.square().sum() - optimum) <= tolerance * scale, method
+        if k > rank_of_W:  # the directions beyond W's rank carry nothing: exactly zero factors
+            assert (factors.left[:, rank_of_W:] == 0).all() and (factors.right[rank_of_W:] == 0).all(), method
