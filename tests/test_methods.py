@@ -4,7 +4,7 @@ from conftest import anisotropic_inputs, decaying_matrix
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sigmascale_core.methods import METHODS, decompose, loss_curve, truncation_loss
+from sigmascale_core.methods import METHODS, decompose, learn_scaling, loss_curve, truncation_loss
 from sigmascale_core.metrics import activation_loss
 from sigmascale_core.stats import ActivationStats
 
@@ -254,3 +254,20 @@ def test_rank_deficient_w_gives_finite_factors_and_the_optimal_loss(
         assert abs(error.square().sum() - optimum) <= tolerance * scale, method
         if k > rank_of_W:  # the directions beyond W's rank carry nothing: exactly zero factors
             assert (factors.left[:, rank_of_W:] == 0).all() and (factors.right[rank_of_W:] == 0).all(), method
+
+
+def test_a_tie_at_the_cut_does_not_stall_or_break_the_fit():
+    # σ₄ = σ₅ = 1 with k = 4 and init="identity": the fit starts exactly on a tie of the scaled spectrum.
+    g = torch.Generator().manual_seed(0)
+    U, _ = torch.linalg.qr(torch.randn(12, 12, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(8, 8, generator=g, dtype=torch.float64))
+    W = (U[:, :8] * torch.tensor([4, 3, 2, 1, 1, 0.5, 0.3, 0.1], dtype=torch.float64)) @ V.T
+    stats = ActivationStats.from_inputs(anisotropic_inputs(200, 8, seed=3))
+    exact = truncation_loss(W, stats.gram, 4)
+    start = exact(torch.zeros(12, dtype=torch.float64), torch.zeros(8, dtype=torch.float64)).item()
+    scaling = learn_scaling(W, stats.gram, stats.abs_mean, 4, steps=20, init="identity")
+    assert torch.isfinite(scaling.row).all() and torch.isfinite(scaling.col).all()
+    learned = exact(scaling.row.log(), scaling.col.log()).item()
+    assert learned <= start
+    # the first gradient is ~1/ε at the tie unless bounded, and Adam then barely moves for the whole fit
+    assert learned < 0.2 * start
