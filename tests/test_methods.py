@@ -271,3 +271,21 @@ def test_a_tie_at_the_cut_does_not_stall_or_break_the_fit():
     assert learned <= start
     # the first gradient is ~1/ε at the tie unless bounded, and Adam then barely moves for the whole fit
     assert learned < 0.2 * start
+
+
+def test_the_whitening_jitter_each_matrix_needed_is_reported():
+    W = decaying_matrix(24, 40, seed=7)
+    singular = ActivationStats.from_inputs(anisotropic_inputs(25, 40, seed=8, dead=5))  # rank ≤ 25 < 40
+    full = ActivationStats.from_inputs(anisotropic_inputs(400, 40, seed=8))
+    jitter = decompose(W, singular, 8, "svdllm").jitter
+    gram = singular.gram
+    eye = torch.eye(40, dtype=torch.float64)
+    # the smallest of the tried levels 1e-10..1·mean(diag) that makes the Gram positive definite
+    levels = [gram.diagonal().mean().item() * 10.0**e for e in range(-10, 1)]
+    assert jitter in levels
+    assert torch.linalg.cholesky_ex(gram + jitter * eye).info == 0
+    assert all(torch.linalg.cholesky_ex(gram + lam * eye).info != 0 for lam in levels if lam < jitter)
+    assert torch.linalg.cholesky_ex(gram).info != 0  # it did need one
+    assert decompose(W, full, 8, "svdllm").jitter == 0.0
+    for method in ("svd", "asvd", "sigmascale"):
+        assert decompose(W, singular, 8, method, **options(method)).jitter == 0.0
