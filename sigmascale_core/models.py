@@ -254,10 +254,10 @@ def model_fingerprint(model: nn.Module) -> str:
 
     Hashes (blake2b) the config without load-location/version fields, then for every parameter its
     name, shape, dtype and every byte, so any edit, however small or wherever in a tensor, changes
-    it. Measured (blake2b, one shared CPU core, weights in RAM) at 0.8–0.95 GB/s: a 135M-parameter fp32
-    set (538 MB) in 0.57–0.70 s. On paper an 8B bf16 checkpoint (16 GB) takes ~17–21 s, once per load:
-    small beside reading those 16 GB from disk. GPU-resident weights are copied to the host one tensor at
-    a time.
+    it. Measured (blake2b, one shared CPU core, weights in RAM) at 0.6–0.95 GB/s: 538 MB of fp32 tensors
+    in 0.57–0.70 s, the loaded SmolLM2-135M in 0.9 s. On paper an 8B bf16 checkpoint (16 GB) takes
+    ~17–27 s, once per load: small beside reading those 16 GB from disk. GPU-resident weights are
+    copied to the host one tensor at a time.
     """
     h = hashlib.blake2b(digest_size=8)
     config = getattr(model, "config", None)
@@ -339,8 +339,8 @@ def _write_manifest(directory: Path, gguf: Path) -> None:
 def _copy_is_valid(directory: Path, gguf: Path) -> bool:
     """Manifest of this source, and every file of the copy with its recorded size and checksum.
 
-    Hashing every byte costs ~1 s for the 540 MB copy (blake2b from the page cache, 0.55–0.65 GB/s
-    measured on one core): small beside the load it guards; a flipped bit means reconvert, never use.
+    Hashing every byte costs 0.6–1 s for the 540 MB copy (measured, page cache, one core) of a ~4 s
+    load; a flipped bit means reconvert, never use.
     """
     try:
         manifest = json.loads((directory / _MANIFEST).read_text())
