@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
+import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -30,17 +35,71 @@ def _publish(tmp: str, path: Path) -> None:
     os.replace(tmp, path)
 
 
+# ---------------------------------------------------------------------------------------------------
+# Temp files: named after their writer, so a crashed writer's leftovers can be told from live ones
+
+_HOST = hashlib.blake2b(socket.gethostname().encode(), digest_size=3).hexdigest()  # pids are per host
+_TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")  # .NAME.RANDOM.tmp, as tempfile makes them
+_WRITER = re.compile(r"\.([0-9a-f]{6})-(\d+)\.[a-z0-9_]{8}\.tmp$")  # .NAME.HOST-PID.RANDOM.tmp
+_STALE_TEMP_S = 24 * 3600  # a temp of another host (or a reused pid) older than this is a leftover
+
+
+def temp_prefix(path: str | os.PathLike) -> str:
+    """mkstemp/mkdtemp prefix for a temp beside `path` (use suffix='.tmp'): names this host and pid."""
+    return f".{Path(path).name}.{_HOST}-{os.getpid()}."
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> None:
+    """Delete the temp files and dirs in `folder` left by killed writers (SIGKILL, power loss).
+
+    A temp is stale when its writer ran on this host and that pid is gone, or when it is older than a
+    day (another host's, a reused pid, or an old-style name without a pid).
+    """
+    now = time.time()
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir(folder):
+            if not _TEMP_NAME.match(entry.name):
+                continue
+            match = _WRITER.search(entry.name)
+            with contextlib.suppress(FileNotFoundError):  # another cleaner got there first
+                dead = match is not None and match[1] == _HOST and not _pid_alive(int(match[2]))
+                if dead or now - entry.stat(follow_symlinks=False).st_mtime > _STALE_TEMP_S:
+                    if entry.is_dir(follow_symlinks=False):
+                        shutil.rmtree(entry.path, ignore_errors=True)
+                    else:
+                        os.unlink(entry.path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tensor files
+
 _SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """Every byte of t, bit-exact (numpy has no bfloat16, so viewed as a same-size int); no copy for a
+    contiguous CPU tensor."""
+    flat = t.detach().reshape(-1).contiguous().cpu()
+    return flat.view(_SAME_SIZE_INT[flat.element_size()]).numpy().data
 
 
 def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
     """Content hash of named tensors (any dtype, any device): a flipped bit anywhere changes it."""
     h = hashlib.blake2b(digest_size=16)
     for name in sorted(tensors):
-        t = tensors[name].detach()
+        t = tensors[name]
         h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
-        flat = t.reshape(-1).contiguous().cpu()
-        h.update(flat.view(_SAME_SIZE_INT[flat.element_size()]).numpy().data)  # bit-exact, no copy
+        h.update(tensor_bytes(t))
     return h.hexdigest()
 
 
@@ -51,7 +110,8 @@ def save_tensors_atomic(
     content checksum that `read_tensors` verifies."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    remove_stale_temps(path.parent)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path), suffix=".tmp")
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={**(metadata or {}), CHECKSUM: tensors_checksum(tensors)})
@@ -80,7 +140,8 @@ def write_text_atomic(text: str, path: str | os.PathLike) -> None:
     """Text write that never leaves a half-written file at `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    remove_stale_temps(path.parent)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path), suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)

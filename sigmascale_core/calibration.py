@@ -18,10 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
-from sigmascale_core.artifacts import cache_root, save_tensors_atomic
+from sigmascale_core.artifacts import cache_root, read_tensors, save_tensors_atomic
 from sigmascale_core.models import INPUT_GROUPS, decoder_layers, get_module, target_matrices
 from sigmascale_core.progress import Progress
 from sigmascale_core.stats import ActivationStats
@@ -162,14 +161,16 @@ def save_stats(stats: dict[str, ActivationStats], path: Path, key: dict[str, obj
 
 
 def load_stats(path: Path, key: dict[str, object]) -> dict[str, ActivationStats] | None:
-    """The cached stats for `key`, or None when the file is missing, corrupt or for another key."""
+    """The cached stats for `key`, or None when the file is missing, corrupt (checksum), for another key
+    or of another layout: the caller recomputes. An interrupt while reading propagates."""
+    read = read_tensors(path)
+    if read is None:
+        return None
+    tensors, meta = read
+    if meta.get("format") != STATS_FORMAT or meta.get("key") != json.dumps(key, sort_keys=True):
+        return None
+    names = sorted({name.rsplit(".", 1)[0] for name in tensors})
     try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-            if meta.get("format") != STATS_FORMAT or meta.get("key") != json.dumps(key, sort_keys=True):
-                return None
-            tensors = {name: fh.get_tensor(name) for name in fh.keys()}  # noqa: SIM118
-        names = sorted({name.rsplit(".", 1)[0] for name in tensors})
         return {name: ActivationStats.from_tensors(tensors, prefix=f"{name}.") for name in names}
-    except Exception:  # unreadable, truncated, wrong layout: recompute rather than trust it
+    except (KeyError, ValueError):  # a layout this version does not know: recompute
         return None

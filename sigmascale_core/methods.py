@@ -49,6 +49,7 @@ class LowRankFactors:
     method: str
     row_scale: torch.Tensor | None = None  # (m,) S_row, the learned e^r (sigmascale)
     col_scale: torch.Tensor | None = None  # (n,) S_col when diagonal: abs_mean^α (asvd), e^c (sigmascale)
+    jitter: float = 0.0  # λ added to the Gram's diagonal to make it PD (svdllm on a singular Gram), else 0
 
     @property
     def rank(self) -> int:
@@ -64,6 +65,7 @@ class Scaling:
 
     row: torch.Tensor | None = None  # (m,)
     col: torch.Tensor | None = None  # (n,) diagonal, or (n, n) lower-triangular L
+    jitter: float = 0.0  # λ in L·Lᵀ = gram + λ·I, when the whitening needed one
 
     def apply(self, W: torch.Tensor) -> torch.Tensor:
         """W_s = S_row · W · S_col."""
@@ -115,22 +117,24 @@ def asvd_col_scale(abs_mean: torch.Tensor, alpha: float) -> torch.Tensor:
     return abs_mean.clamp_min(floor) ** alpha
 
 
-def whitening_factor(gram: torch.Tensor) -> torch.Tensor:
-    """Lower-triangular L with gram ≈ L·Lᵀ (float64), adding the smallest jitter λ·I that makes it PD.
+def whitening_factor(gram: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """(L, λ): lower-triangular L with L·Lᵀ = gram + λ·I (float64), λ the smallest jitter that makes it PD.
 
-    The jitter starts at 1e-10·mean(diag) and grows 10× per try: a rank-deficient Gram (fewer tokens than
-    channels, dead channels) gets the least regularisation that keeps the Cholesky factor finite.
+    λ is 0 for a positive-definite Gram, else it starts at 1e-10·mean(diag) and grows 10× per try: a
+    rank-deficient Gram (fewer tokens than channels, dead channels) gets the least regularisation that
+    keeps the Cholesky factor finite. λ is returned so that reports can say how much each matrix needed.
     """
     gram = gram.to(torch.float64)
     L, info = torch.linalg.cholesky_ex(gram)
     if info == 0:
-        return L
+        return L, 0.0
     scale = gram.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
     eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     for exponent in range(-10, 1):
-        L, info = torch.linalg.cholesky_ex(gram + scale * 10.0**exponent * eye)
+        jitter = float(scale) * 10.0**exponent
+        L, info = torch.linalg.cholesky_ex(gram + jitter * eye)
         if info == 0:
-            return L
+            return L, jitter
     raise ValueError("the Gram matrix is not positive semi-definite even with jitter: are the stats corrupt?")
 
 
@@ -144,7 +148,8 @@ def _fit_scaling(
         return Scaling(col=asvd_col_scale(abs_mean, opts["alpha"]))
     gram = stats.gram.to(W.device)
     if method == "svdllm":
-        return Scaling(col=whitening_factor(gram))
+        L, jitter = whitening_factor(gram)
+        return Scaling(col=L, jitter=jitter)
     if rank is None:
         raise ValueError("method 'sigmascale' learns its scaling for one rank: pass rank=")
     return learn_scaling(W, gram, abs_mean, rank, **opts)
@@ -175,6 +180,7 @@ def decompose(
         method=method,
         row_scale=None if scaling.row is None else scaling.row.to(W.dtype),
         col_scale=None if diagonal_col is None else diagonal_col.to(W.dtype),
+        jitter=scaling.jitter,
     )
 
 

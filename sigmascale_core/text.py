@@ -30,9 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
-from sigmascale_core.artifacts import cache_root, save_tensors_atomic
+from sigmascale_core.artifacts import cache_root, read_tensors, save_tensors_atomic
 from sigmascale_core.models import FAMILIES, encode_documents, tokenizer_fingerprint
 
 SPEC_FORMATS = (
@@ -238,11 +237,9 @@ def token_stream(tokenizer: Any, family: str, spec: str, use_cache: bool = True)
     """The whole text of `spec` as one 1-D LongTensor (BOS policy, EOS between documents), cached."""
     docs = documents(spec)
     path = _stream_cache_path(tokenizer, family, spec, docs) if use_cache else None
-    if path is not None and path.is_file():
-        try:
-            return load_file(path)["ids"].to(torch.long)
-        except Exception:  # unreadable cache: recompute and overwrite it
-            pass
+    cached = read_tensors(path) if path is not None else None  # None: missing or corrupt, rebuild it
+    if cached is not None and "ids" in cached[0]:
+        return cached[0]["ids"].to(torch.long)
     stream = join_documents(encode_documents(tokenizer, docs, family=family), tokenizer.eos_token_id)
     if path is not None:
         small = stream.numel() == 0 or int(stream.max()) < 2**31

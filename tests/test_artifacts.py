@@ -1,10 +1,16 @@
 """Checked tensor files and progress events."""
 
 import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
+from sigmascale_core import artifacts
 from sigmascale_core.artifacts import read_tensors, save_tensors_atomic, tensors_checksum
 from sigmascale_core.progress import ProgressEvent, format_seconds, tracked
 
@@ -51,3 +57,56 @@ def test_progress_events_time_and_estimate():
     with pytest.raises(ValueError, match="not a progress event"):
         ProgressEvent.from_json('{"stage": 1}')
     assert format_seconds(3725) == "1 h 02 min" and format_seconds(61) == "1 min 01 s"
+
+
+def dead_pid() -> int:
+    """A pid that no process has: a child that has exited and been reaped."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_writers_remove_temps_of_dead_writers_and_keep_live_ones(tmp_path):
+    host = artifacts._HOST
+    dead = tmp_path / f".stats.safetensors.{host}-{dead_pid()}.abcd1234.tmp"
+    live = tmp_path / f".stats.safetensors.{host}-{os.getpid()}.efgh5678.tmp"
+    other_host = (
+        tmp_path / f".stats.safetensors.{'0' if host != '000000' else '1'}00000-{dead_pid()}.ijkl9012.tmp"
+    )
+    old_style = tmp_path / ".out.json.mnop3456.tmp"  # written before temps named their writer
+    ancient = tmp_path / f".old.json.{host}-{os.getpid()}.qrst7890.tmp"
+    user_file = tmp_path / ".notes.tmp"  # not a name our writers make
+    dead_dir = tmp_path / f".model.{host}-{dead_pid()}.uvwx1234.tmp"
+    for p in (dead, live, other_host, old_style, ancient, user_file):
+        p.write_bytes(b"x" * 10)
+    (dead_dir / "sub").mkdir(parents=True)
+    day_ago = time.time() - 25 * 3600
+    for p in (old_style, ancient, user_file):
+        os.utime(p, (day_ago, day_ago))
+    save_tensors_atomic({"a": torch.zeros(2)}, tmp_path / "new.safetensors")
+    left = {p.name for p in tmp_path.iterdir()}
+    assert left == {"new.safetensors", live.name, other_host.name, user_file.name}
+    artifacts.write_json_atomic({"k": 1}, tmp_path / "x.json")  # the JSON writer cleans up too
+    live.unlink()
+    (tmp_path / f".y.{host}-{dead_pid()}.aaaa1111.tmp").write_text("x")
+    artifacts.write_json_atomic({"k": 2}, tmp_path / "x.json")
+    assert {p.name for p in tmp_path.iterdir()} == {
+        "new.safetensors",
+        "x.json",
+        other_host.name,
+        user_file.name,
+    }
+
+
+def test_temp_names_carry_the_writers_pid(tmp_path, monkeypatch):
+    seen = []
+    real_publish = artifacts._publish
+
+    def spy(tmp, path):
+        seen.append(Path(tmp).name)
+        real_publish(tmp, path)
+
+    monkeypatch.setattr(artifacts, "_publish", spy)
+    save_tensors_atomic({"a": torch.zeros(2)}, tmp_path / "t.safetensors")
+    (name,) = seen
+    assert name.startswith(f".t.safetensors.{artifacts._HOST}-{os.getpid()}.") and name.endswith(".tmp")

@@ -4,7 +4,7 @@ from conftest import anisotropic_inputs, decaying_matrix
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sigmascale_core.methods import METHODS, decompose, loss_curve, truncation_loss
+from sigmascale_core.methods import METHODS, decompose, learn_scaling, loss_curve, truncation_loss
 from sigmascale_core.metrics import activation_loss
 from sigmascale_core.stats import ActivationStats
 
@@ -193,3 +193,99 @@ def test_non_finite_inputs_raise(layer):
     bad_stats.gram[1, 1] = float("inf")
     with pytest.raises(ValueError, match="NaN or Inf"):
         decompose(W, bad_stats, 2, "svdllm")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rank-deficient W: zero directions give zero factors and every method reaches its own optimum
+
+
+def rank_deficient(m: int, n: int, rank: int, zero_rows: int, duplicate: bool, seed: int) -> torch.Tensor:
+    """An (m, n) float64 matrix of rank ≤ `rank`: a product of thin factors, some zero rows, and
+    optionally its last column a copy of its first."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(m, rank, generator=g, dtype=torch.float64) @ torch.randn(
+        rank, n, generator=g, dtype=torch.float64
+    )
+    W[:zero_rows] = 0
+    if duplicate:
+        W[:, -1] = W[:, 0]
+    return W
+
+
+def scaled_metric(W64, factors, method, X):
+    """(W_s, error_s): the matrix each method truncates and the approximation error in its own
+    metric, all float64 from the raw inputs (the optimum of that error is the tail of W_s's spectrum)."""
+    row = torch.ones(W64.shape[0], dtype=torch.float64) if factors.row_scale is None else factors.row_scale
+    col = torch.ones(W64.shape[1], dtype=torch.float64) if factors.col_scale is None else factors.col_scale
+    E = W64 - factors.left.double() @ factors.right.double()
+    if method == "svdllm":  # min over rank-k W′ of ‖(W − W′)Xᵀ‖ for X of full column rank
+        return W64 @ X.T, E @ X.T
+    row, col = row.double()[:, None], col.double()
+    return row * W64 * col, row * E * col
+
+
+@settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    m=st.integers(3, 20),
+    n=st.integers(3, 20),
+    true_rank=st.integers(1, 6),
+    zero_rows=st.integers(0, 3),
+    duplicate=st.booleans(),
+    rank_fraction=st.floats(0.05, 1.0),
+    seed=st.integers(0, 1000),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
+def test_rank_deficient_w_gives_finite_factors_and_the_optimal_loss(
+    m, n, true_rank, zero_rows, duplicate, rank_fraction, seed, dtype
+):
+    W = rank_deficient(m, n, true_rank, min(zero_rows, m - 1), duplicate, seed).to(dtype)
+    W64 = W.double()  # the matrix the methods see, exactly
+    X = anisotropic_inputs(3 * n + 10, n, seed + 1)
+    stats = ActivationStats.from_inputs(X)
+    k = max(1, round(rank_fraction * min(m, n)))
+    rank_of_W = int(torch.linalg.matrix_rank(W64))
+    tolerance = 1e-10 if dtype == torch.float64 else 1e-5  # of ‖W_s‖²; float32 factors round at ~6e-8
+    for method in METHODS:
+        factors = decompose(W, stats, k, method, **({"steps": 3} if method == "sigmascale" else {}))
+        assert torch.isfinite(factors.left).all() and torch.isfinite(factors.right).all(), method
+        Ws, error = scaled_metric(W64, factors, method, X.double())
+        optimum = torch.linalg.svdvals(Ws)[k:].square().sum()
+        scale = Ws.square().sum()
+        assert abs(error.square().sum() - optimum) <= tolerance * scale, method
+        if k > rank_of_W:  # the directions beyond W's rank carry nothing: exactly zero factors
+            assert (factors.left[:, rank_of_W:] == 0).all() and (factors.right[rank_of_W:] == 0).all(), method
+
+
+def test_a_tie_at_the_cut_does_not_stall_or_break_the_fit():
+    # σ₄ = σ₅ = 1 with k = 4 and init="identity": the fit starts exactly on a tie of the scaled spectrum.
+    g = torch.Generator().manual_seed(0)
+    U, _ = torch.linalg.qr(torch.randn(12, 12, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(8, 8, generator=g, dtype=torch.float64))
+    W = (U[:, :8] * torch.tensor([4, 3, 2, 1, 1, 0.5, 0.3, 0.1], dtype=torch.float64)) @ V.T
+    stats = ActivationStats.from_inputs(anisotropic_inputs(200, 8, seed=3))
+    exact = truncation_loss(W, stats.gram, 4)
+    start = exact(torch.zeros(12, dtype=torch.float64), torch.zeros(8, dtype=torch.float64)).item()
+    scaling = learn_scaling(W, stats.gram, stats.abs_mean, 4, steps=20, init="identity")
+    assert torch.isfinite(scaling.row).all() and torch.isfinite(scaling.col).all()
+    learned = exact(scaling.row.log(), scaling.col.log()).item()
+    assert learned <= start
+    # the first gradient is ~1/ε at the tie unless bounded, and Adam then barely moves for the whole fit
+    assert learned < 0.2 * start
+
+
+def test_the_whitening_jitter_each_matrix_needed_is_reported():
+    W = decaying_matrix(24, 40, seed=7)
+    singular = ActivationStats.from_inputs(anisotropic_inputs(25, 40, seed=8, dead=5))  # rank ≤ 25 < 40
+    full = ActivationStats.from_inputs(anisotropic_inputs(400, 40, seed=8))
+    jitter = decompose(W, singular, 8, "svdllm").jitter
+    gram = singular.gram
+    eye = torch.eye(40, dtype=torch.float64)
+    # the smallest of the tried levels 1e-10..1·mean(diag) that makes the Gram positive definite
+    levels = [gram.diagonal().mean().item() * 10.0**e for e in range(-10, 1)]
+    assert jitter in levels
+    assert torch.linalg.cholesky_ex(gram + jitter * eye).info == 0
+    assert all(torch.linalg.cholesky_ex(gram + lam * eye).info != 0 for lam in levels if lam < jitter)
+    assert torch.linalg.cholesky_ex(gram).info != 0  # it did need one
+    assert decompose(W, full, 8, "svdllm").jitter == 0.0
+    for method in ("svd", "asvd", "sigmascale"):
+        assert decompose(W, singular, 8, method, **options(method)).jitter == 0.0

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from corrupt import flip_tensor_byte
 from tokenizers import Tokenizer, pre_tokenizers, processors
 from tokenizers.models import WordLevel
 from torch import nn
@@ -155,11 +156,12 @@ def test_set_module_replaces_by_name_and_returns_the_old_one():
 # Fingerprint
 
 
-def test_fingerprint_is_stable_and_ignores_object_identity():
-    a, b = tiny_model(seed=0), tiny_model(seed=0)
+def test_fingerprint_depends_on_content_not_on_the_object_or_its_origin():
+    a, b = tiny_model(seed=0), tiny_model(seed=0)  # built independently: equal content, other objects
+    assert all(pa is not pb for pa, pb in zip(a.parameters(), b.parameters(), strict=True))
     b.config._name_or_path = "/somewhere/else"
-    assert model_fingerprint(a) == model_fingerprint(a) == model_fingerprint(b)
-    assert len(model_fingerprint(a)) == 16
+    assert model_fingerprint(a) == model_fingerprint(b)
+    assert len(model_fingerprint(a)) == 16 and int(model_fingerprint(a), 16) >= 0
 
 
 def test_fingerprint_changes_with_one_weight_dtype_or_config():
@@ -174,6 +176,19 @@ def test_fingerprint_changes_with_one_weight_dtype_or_config():
     other = tiny_model()
     other.config.rms_norm_eps = 1e-3
     assert model_fingerprint(other) != before
+
+
+def test_fingerprint_sees_the_last_element_of_a_large_tensor():
+    # A stride sample of 64k values misses most elements of a tensor this size; every byte must count.
+    model, twin = nn.Linear(512, 512, bias=False), nn.Linear(512, 512, bias=False)
+    with torch.no_grad():
+        twin.weight.copy_(model.weight)
+        twin.weight.view(-1)[-1] = torch.nextafter(twin.weight.view(-1)[-1], torch.tensor(9.0))
+    assert model.weight.numel() > 100_000
+    assert model_fingerprint(model) != model_fingerprint(twin)
+    with torch.no_grad():
+        twin.weight.copy_(model.weight)
+    assert model_fingerprint(model) == model_fingerprint(twin)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -271,6 +286,33 @@ def test_copy_validity_detects_truncation_and_other_sources(tmp_path, fake_gguf)
     (copy / models._MANIFEST).unlink()
     assert not models._copy_is_valid(copy, fake_gguf)
     assert not models._copy_is_valid(tmp_path / "absent", fake_gguf)
+
+
+def test_copy_validity_checks_every_byte_of_the_weights(tmp_path, fake_gguf):
+    copy = tmp_path / "copy"
+    save_tiny(copy)
+    models._write_manifest(copy, fake_gguf)
+    assert models._copy_is_valid(copy, fake_gguf)
+    flip_tensor_byte(copy / "model.safetensors", "model.layers.1.mlp.down_proj.weight", -1, 0x01)
+    assert not models._copy_is_valid(copy, fake_gguf)
+
+
+def test_a_damaged_bundled_copy_is_reconverted_on_load(tmp_path, fake_gguf, monkeypatch):
+    monkeypatch.setenv("SIGMASCALE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(models, "bundled_gguf_path", lambda: fake_gguf)
+    conversions = []
+    monkeypatch.setattr(models, "_convert_into", lambda gguf, d: conversions.append(save_tiny(d)))
+    first = load_model(BUNDLED_MODEL)
+    expected = model_fingerprint(conversions[0])  # the model as saved (save_pretrained adds architectures)
+    assert first.fingerprint == expected and len(conversions) == 1
+    assert load_model(BUNDLED_MODEL).fingerprint == expected and len(conversions) == 1  # reused
+    weights = models.bundled_model_dir() / "model.safetensors"
+    flip_tensor_byte(weights, "model.layers.0.self_attn.q_proj.weight", 0, 0x01)  # lowest mantissa bit
+    loaded = load_model(BUNDLED_MODEL)
+    assert len(conversions) == 2
+    assert loaded.fingerprint == expected
+    reference = tiny_model().state_dict()
+    assert all(torch.equal(t, reference[n]) for n, t in loaded.model.state_dict().items())
 
 
 def test_convert_gguf_replaces_a_corrupt_copy_atomically(tmp_path, fake_gguf, monkeypatch):

@@ -61,3 +61,17 @@ def test_truncated_svd_factors(m, n):
     torch.testing.assert_close(sigma, torch.linalg.svdvals(X), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(left.norm(dim=0), right.norm(dim=1))  # balanced split
     torch.testing.assert_close(singular_values(X), torch.linalg.svdvals(X), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gradient_is_bounded_when_eigenvalues_tie_across_the_cut(dtype):
+    # λ = (9, 1, 1, 0.25), k = 2: the kept subspace is undefined and 1/(λ₂ − λ₃) is 1/rounding. The
+    # gradient must stay within ‖P̄‖/(√ε·λ₀), the documented bound, and away from gaps it is unchanged.
+    g = torch.Generator().manual_seed(1)
+    V, _ = torch.linalg.qr(torch.randn(4, 4, generator=g, dtype=torch.float64))
+    upstream = torch.randn(4, 4, generator=g, dtype=dtype)
+    S = ((V * torch.tensor([9.0, 1.0, 1.0, 0.25], dtype=torch.float64)) @ V.T).to(dtype)
+    S.requires_grad_(True)
+    (grad,) = torch.autograd.grad((tail_projector(S, 2) * upstream).sum(), S)
+    bound = upstream.norm() / (torch.finfo(dtype).eps ** 0.5 * 9.0)
+    assert torch.isfinite(grad).all() and grad.norm() <= bound

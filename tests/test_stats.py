@@ -1,6 +1,15 @@
+from pathlib import Path
+
 import pytest
 import torch
+from corrupt import flip_tensor_byte
+from test_text import WORDS, word_tokenizer, write_docs
+from tiny import tiny_model
 
+from sigmascale_core import artifacts
+from sigmascale_core.calibration import load_stats, save_stats, stats_key
+from sigmascale_core.models import LoadedModel, model_fingerprint
+from sigmascale_core.pipeline import CalibrationConfig, calibrate
 from sigmascale_core.stats import ActivationStats
 
 
@@ -71,3 +80,54 @@ def test_bad_inputs_raise(x, message):
 def test_merge_of_different_widths_raises():
     with pytest.raises(ValueError, match="width"):
         ActivationStats(4).merge(ActivationStats(5))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The stats cache (calibration.load_stats): checked on read, rebuilt when bad, interrupts pass
+
+
+def stats_of_two_groups() -> dict[str, ActivationStats]:
+    g = torch.Generator().manual_seed(3)
+    return {
+        stats_key(0, "attn_in"): ActivationStats.from_inputs(torch.randn(40, 6, generator=g)),
+        stats_key(0, "mlp_out"): ActivationStats.from_inputs(torch.randn(40, 9, generator=g)),
+    }
+
+
+def test_cached_stats_with_a_flipped_byte_are_not_trusted(tmp_path):
+    stats, key, path = stats_of_two_groups(), {"model": "m", "samples": 2}, tmp_path / "s.safetensors"
+    save_stats(stats, path, key)
+    loaded = load_stats(path, key)
+    assert all(torch.equal(loaded[k].gram, stats[k].gram) for k in stats)
+    flip_tensor_byte(path, "0.attn_in.gram", 0)  # lowest mantissa bit of gram[0, 0]: finite, plausible
+    assert load_stats(path, key) is None
+
+
+def test_calibrate_rebuilds_a_corrupt_stats_entry(tmp_path, monkeypatch):
+    monkeypatch.setenv("SIGMASCALE_CACHE", str(tmp_path / "cache"))
+    model = tiny_model()
+    loaded = LoadedModel(model, word_tokenizer(), "tiny", "llama", model_fingerprint(model))
+    docs = [" ".join(WORDS[(i + j) % 8] for j in range(9)) for i in range(20)]
+    config = CalibrationConfig(text=write_docs(tmp_path / "cal.txt", docs), samples=2, seq_len=16)
+    fresh, info = calibrate(loaded, config)
+    assert not info["cached"]
+    flip_tensor_byte(Path(info["cache"]), "1.mlp_out.abs_sum", -1, 0x04)  # an exponent bit: 4x or 1/4x
+    rebuilt, info = calibrate(loaded, config)
+    assert not info["cached"]
+    assert all(torch.equal(rebuilt[k].gram, fresh[k].gram) for k in fresh)
+    assert all(torch.equal(rebuilt[k].abs_sum, fresh[k].abs_sum) for k in fresh)
+    again, info = calibrate(loaded, config)  # the rewritten entry is good again
+    assert info["cached"] and all(torch.equal(again[k].abs_sum, fresh[k].abs_sum) for k in fresh)
+
+
+@pytest.mark.parametrize("where", ["open", "checksum"])
+def test_an_interrupt_while_reading_stats_propagates(tmp_path, monkeypatch, where):
+    stats, key, path = stats_of_two_groups(), {"model": "m"}, tmp_path / "s.safetensors"
+    save_stats(stats, path, key)
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(artifacts, "safe_open" if where == "open" else "tensors_checksum", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        load_stats(path, key)

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from corrupt import flip_tensor_byte
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer, pre_tokenizers
@@ -14,6 +15,7 @@ from tokenizers.models import WordLevel
 from transformers import PreTrainedTokenizerFast
 
 from sigmascale_core import text
+from sigmascale_core.artifacts import read_tensors
 from sigmascale_core.text import (
     calibration_batch,
     check_disjoint,
@@ -167,6 +169,21 @@ def test_stream_cache_is_used_and_survives_corruption(tmp_path, tmp_cache, monke
     # a changed file is a different text: new cache entry, new tokens
     write_docs(tmp_path / "t.txt", ["alpha beta"])
     assert token_stream(tok, "llama", spec).tolist() == [1, 3, 4]
+
+
+@pytest.mark.parametrize(
+    ("index", "mask"),
+    [(0, 0x01), (-1, 0x40)],  # id 1 -> 0 (a wrong token, plausible); a high bit (an id past the vocab)
+)
+def test_a_corrupt_token_cache_is_rebuilt_not_trusted(tmp_path, tmp_cache, index, mask):
+    spec = write_docs(tmp_path / "t.txt", ["alpha beta gamma", "delta"])
+    tok = word_tokenizer()
+    fresh = token_stream(tok, "llama", spec)
+    (cached,) = (tmp_cache / "tokens").iterdir()
+    flip_tensor_byte(cached, "ids", index, mask)
+    assert torch.equal(token_stream(tok, "llama", spec), fresh)
+    tensors, _ = read_tensors(cached)  # rewritten, and whole again
+    assert tensors["ids"].tolist() == fresh.tolist() == [1, 3, 4, 5, 2, 1, 6]
 
 
 def test_calibration_batch_shape_determinism_and_provenance(tmp_path):
