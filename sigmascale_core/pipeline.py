@@ -19,7 +19,7 @@ from torch import nn
 from sigmascale_core.allocation import STRATEGIES, allocate
 from sigmascale_core.calibration import collect_stats, load_stats, save_stats, stats_cache_path, stats_key
 from sigmascale_core.finetune import distill, evaluate_distillation
-from sigmascale_core.methods import METHODS
+from sigmascale_core.methods import METHODS, LowRankFactors
 from sigmascale_core.models import LoadedModel, load_model, target_matrices, tokenizer_fingerprint
 from sigmascale_core.perplexity import perplexity
 from sigmascale_core.plan import CompressionPlan, check_options
@@ -133,10 +133,12 @@ def compress_sequential(
     )
     layer_of = {ref.name: ref.layer for ref in target_matrices(loaded.model)}
 
+    jitter: dict[str, float] = {}
+
     def compress_layer(layer: int, layer_stats: dict[str, ActivationStats]) -> None:
         only_this_layer = plan.with_ranks({name: None for name in plan.matrices if layer_of[name] != layer})
         keyed = {stats_key(layer, group): s for group, s in layer_stats.items()}
-        compress(loaded.model, only_this_layer, keyed)
+        jitter.update(whitening_jitter(compress(loaded.model, only_this_layer, keyed)))
 
     stats = collect_stats(
         loaded.model, ids, batch_size=config.batch_size, progress=progress, compress_layer=compress_layer
@@ -148,9 +150,15 @@ def compress_sequential(
         "seed": config.seed,
         "tokens": config.samples * seq_len,
         "sequential": True,
+        "whitening_jitter": jitter,
         "seconds": time.perf_counter() - start,
     }
     return stats, info
+
+
+def whitening_jitter(factors: dict[str, LowRankFactors]) -> dict[str, float]:
+    """{matrix: λ} for the matrices whose Gram needed λ·I added before whitening (none: {})."""
+    return {name: f.jitter for name, f in factors.items() if f.jitter > 0}
 
 
 def uniform_plan(
@@ -477,8 +485,9 @@ def run_compression(config: CompressionConfig, events: EventSink | None = None) 
     start = time.perf_counter()
     if config.sequential:
         _, calibration = compress_sequential(loaded, plan, config.calibration, progress("calibration"))
+        jitter = calibration.pop("whitening_jitter")
     else:
-        compress(loaded.model, plan, stats, progress=progress("compress"))
+        jitter = whitening_jitter(compress(loaded.model, plan, stats, progress=progress("compress")))
     report = {
         "model": config.model,
         "fingerprint": loaded.fingerprint,
@@ -492,6 +501,7 @@ def run_compression(config: CompressionConfig, events: EventSink | None = None) 
         "parameters_after": parameter_count(loaded.model),
         "calibration": calibration,
         **planning,
+        "whitening_jitter": jitter,  # λ added to a Gram's diagonal so its Cholesky factor exists
         "compress_seconds": time.perf_counter() - start,
     }
 

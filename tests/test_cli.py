@@ -113,6 +113,12 @@ def test_compress_then_eval_round_trip(tiny_model_dir, tmp_path, capsys, private
         CompressionPlan.load(out / "sigmascale_plan.json").parameter_retention()
     )
     assert report["perplexity"]["boolq:evaluation"]["tokens"] == 255
+    # 64 calibration tokens cannot span down_proj's 96 input channels: its Gram needs jitter to whiten
+    # (the report names every matrix that needed it, with the λ added)
+    jitter = report["whitening_jitter"]
+    assert {f"model.layers.{i}.mlp.down_proj" for i in range(2)} <= set(jitter)
+    assert set(jitter) <= set(plan_names := CompressionPlan.load(out / "sigmascale_plan.json").matrices)
+    assert all(value > 0 for value in jitter.values()) and len(plan_names) == 14
     again = reloaded_perplexity(out, capsys)
     assert again == pytest.approx(report["perplexity"]["boolq:evaluation"]["perplexity"], rel=1e-5)
     model, plan = load_compressed(out)
