@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from sigmascale_core.artifacts import write_json_atomic
+from sigmascale_core.artifacts import remove_stale_temps, temp_prefix, write_json_atomic
 from sigmascale_core.calibration import stats_key
 from sigmascale_core.methods import LowRankFactors, decompose
 from sigmascale_core.models import GROUP_OF_KIND, get_module, set_module, target_matrices
@@ -195,7 +195,8 @@ def save_compressed(
     """
     out = check_output_dir(out_dir, force)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    remove_stale_temps(out.parent)  # a killed writer's half-written folder
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=temp_prefix(out), suffix=".tmp"))
     try:
         save_file(_untied_state(model), str(tmp / WEIGHTS_FILE))
         (tmp / "config.json").write_text(model.config.to_json_string())

@@ -1,5 +1,6 @@
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -166,6 +167,25 @@ def test_interrupted_save_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         save_compressed(model, plan, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_killed_saves_leftover_folder_is_removed_by_the_next_save(tmp_path):
+    """SIGKILL leaves the temp folder (no handler runs); the next save beside it removes it."""
+    import subprocess
+
+    from sigmascale_core.artifacts import temp_prefix
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    prefix = temp_prefix(tmp_path / "out").replace(f"-{os.getpid()}.", f"-{dead.pid}.")
+    leftover = tmp_path / f"{prefix}abcd1234.tmp"
+    (leftover / "sub").mkdir(parents=True)
+    (leftover / "model.safetensors").write_bytes(b"x" * 1000)
+    model = tiny_model()
+    plan = plan_for(model)
+    compress(model, plan, collect_stats(model, torch.randint(0, VOCAB, (2, 16))))
+    save_compressed(model, plan, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_plan_for_another_model_is_refused():
