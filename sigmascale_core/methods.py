@@ -88,15 +88,43 @@ class Scaling:
         return left if self.row is None else left / self.row[:, None]
 
 
-def _options(method: str, options: dict[str, object]) -> dict[str, object]:
-    if method not in METHOD_OPTIONS:
+def check_options(method: str, options: dict[str, object] | None) -> dict[str, object]:
+    """The one check of a method's options (plans, probes, CLI, app): known names, each value of its
+    default's type (an int is a float) and in range. Returns them as given; ValueError names the bad one."""
+    if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    options = {} if options is None else options
+    if not isinstance(options, dict):
+        raise ValueError(f"options must be a JSON object, got {type(options).__name__}")
     allowed = METHOD_OPTIONS[method]
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         known = ", ".join(allowed) or "none"
         raise ValueError(f"unknown option(s) {unknown} for method {method!r}; it takes: {known}")
-    return {**allowed, **options}
+    for key, value in options.items():
+        kind = type(allowed[key])
+        ok = isinstance(value, int | float) if kind is float else isinstance(value, kind)
+        if isinstance(value, bool) or not ok:
+            raise ValueError(f"option {key} of {method} expects {kind.__name__}, got {value!r}")
+        if kind in (int, float) and (value != value or value in (float("inf"), float("-inf"))):
+            raise ValueError(f"option {key} of {method} must be finite, got {value!r}")
+    merged = {**allowed, **options}
+    if method == "sigmascale":
+        if merged["steps"] < 0 or not merged["lr"] > 0:
+            raise ValueError(f"sigmascale needs steps ≥ 0 and lr > 0, got {merged['steps']}, {merged['lr']}")
+        if merged["init"] not in SIGMASCALE_INITS:
+            raise ValueError(f"unknown init {merged['init']!r}; choose one of {SIGMASCALE_INITS}")
+        if merged["l2"] < 0 or merged["init_noise"] < 0:
+            raise ValueError(
+                f"sigmascale needs l2, init_noise ≥ 0, got {merged['l2']}, {merged['init_noise']}"
+            )
+    return dict(options)
+
+
+def _options(method: str, options: dict[str, object]) -> dict[str, object]:
+    """The method's options with its defaults filled in (checked by `check_options`)."""
+    checked = check_options(method, options)  # ValueError for an unknown method too
+    return {**METHOD_OPTIONS[method], **checked}
 
 
 def _check_inputs(W: torch.Tensor, stats: ActivationStats | None, method: str) -> None:
@@ -288,7 +316,18 @@ def learn_scaling(
     fixed after every step to the value that minimises the L2 term. The returned scaling is the best
     iterate, checked in float64 against the initialisation, so the result is never worse than its start.
     """
-    _check_sigmascale_options(steps, lr, init, l2, init_noise)
+    check_options(
+        "sigmascale",
+        {
+            "steps": steps,
+            "lr": lr,
+            "init": init,
+            "alpha": alpha,
+            "l2": l2,
+            "seed": seed,
+            "init_noise": init_noise,
+        },
+    )
     with torch.inference_mode(False), torch.enable_grad():  # callable from under no_grad/inference_mode
         start, best = _adam_on_scales(W, gram, abs_mean, rank, steps, lr, init, alpha, l2, seed, init_noise)
     if best is not start:
@@ -387,18 +426,3 @@ def _fix_gauge(r: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     """(r + t, c − t) with t = (Σc − Σr)/(m + n), the shift that minimises ‖r‖² + ‖c‖²."""
     t = (c.sum() - r.sum()) / (r.numel() + c.numel())
     return r + t, c - t
-
-
-def _check_sigmascale_options(
-    steps: object, lr: object, init: object, l2: object, init_noise: object
-) -> None:
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"steps must be a non-negative int, got {steps!r}")
-    if not isinstance(lr, int | float) or not lr > 0:
-        raise ValueError(f"lr must be positive, got {lr!r}")
-    if init not in SIGMASCALE_INITS:
-        raise ValueError(f"unknown init {init!r}; choose one of {SIGMASCALE_INITS}")
-    if not isinstance(l2, int | float) or l2 < 0:
-        raise ValueError(f"l2 must be non-negative, got {l2!r}")
-    if not isinstance(init_noise, int | float) or init_noise < 0:
-        raise ValueError(f"init_noise must be non-negative, got {init_noise!r}")

@@ -19,10 +19,10 @@ from torch import nn
 from sigmascale_core.allocation import STRATEGIES, allocate
 from sigmascale_core.calibration import collect_stats, load_stats, save_stats, stats_cache_path, stats_key
 from sigmascale_core.finetune import distill, evaluate_distillation
-from sigmascale_core.methods import METHODS, LowRankFactors
+from sigmascale_core.methods import METHODS, LowRankFactors, check_options
 from sigmascale_core.models import LoadedModel, load_model, target_matrices, tokenizer_fingerprint
 from sigmascale_core.perplexity import perplexity
-from sigmascale_core.plan import CompressionPlan, check_options
+from sigmascale_core.plan import CompressionPlan
 from sigmascale_core.probing import (
     DEFAULT_CALIBRATION_TEXT,
     DEFAULT_EVALUATION_TEXTS,

@@ -13,43 +13,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from sigmascale_core.artifacts import write_json_atomic
-from sigmascale_core.methods import METHOD_OPTIONS, METHODS, SIGMASCALE_INITS
+from sigmascale_core.methods import METHOD_OPTIONS, METHODS, check_options
 from sigmascale_core.metrics import check_retention, rank_for_retention
 
 PLAN_VERSION = 1
-
-
-def check_options(method: str, options: dict[str, object] | None) -> dict[str, object]:
-    """The one check of a method's options (plans, probes, CLI, app): known names, each value of its
-    default's type (an int is a float) and in range. Returns them as given; ValueError names the bad one."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
-    options = {} if options is None else options
-    if not isinstance(options, dict):
-        raise ValueError(f"options must be a JSON object, got {type(options).__name__}")
-    allowed = METHOD_OPTIONS[method]
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        known = ", ".join(allowed) or "none"
-        raise ValueError(f"unknown option(s) {unknown} for method {method!r}; it takes: {known}")
-    for key, value in options.items():
-        kind = type(allowed[key])
-        ok = isinstance(value, int | float) if kind is float else isinstance(value, kind)
-        if isinstance(value, bool) or not ok:
-            raise ValueError(f"option {key} of {method} expects {kind.__name__}, got {value!r}")
-        if kind in (int, float) and (value != value or value in (float("inf"), float("-inf"))):
-            raise ValueError(f"option {key} of {method} must be finite, got {value!r}")
-    merged = {**allowed, **options}
-    if method == "sigmascale":
-        if merged["steps"] < 0 or not merged["lr"] > 0:
-            raise ValueError(f"sigmascale needs steps ≥ 0 and lr > 0, got {merged['steps']}, {merged['lr']}")
-        if merged["init"] not in SIGMASCALE_INITS:
-            raise ValueError(f"unknown init {merged['init']!r}; choose one of {SIGMASCALE_INITS}")
-        if merged["l2"] < 0 or merged["init_noise"] < 0:
-            raise ValueError(
-                f"sigmascale needs l2, init_noise ≥ 0, got {merged['l2']}, {merged['init_noise']}"
-            )
-    return dict(options)
 
 
 def parse_options(pairs: list[str], method: str) -> dict[str, object]:

@@ -41,7 +41,7 @@ from torch import nn
 
 from sigmascale_core.artifacts import cache_root, write_json_atomic
 from sigmascale_core.calibration import stats_key
-from sigmascale_core.methods import METHODS, decompose, loss_curve
+from sigmascale_core.methods import METHODS, check_options, decompose, loss_curve
 from sigmascale_core.metrics import check_retention, rank_for_retention
 from sigmascale_core.models import (
     FAMILIES,
@@ -55,7 +55,6 @@ from sigmascale_core.models import (
     target_matrices,
     tokenizer_fingerprint,
 )
-from sigmascale_core.plan import check_options
 from sigmascale_core.progress import Progress
 from sigmascale_core.stats import ActivationStats
 from sigmascale_core.text import calibration_batch, check_disjoint, token_stream, window_starts

@@ -5,9 +5,10 @@ import json
 import pytest
 from tiny import tiny_model
 
+from sigmascale_core.methods import check_options
 from sigmascale_core.models import model_fingerprint
 from sigmascale_core.pipeline import CompressionConfig, check_config
-from sigmascale_core.plan import CompressionPlan, check_options, parse_options
+from sigmascale_core.plan import CompressionPlan, parse_options
 from sigmascale_core.probing import proxy_sensitivity
 from sigmascale_core.surgery import target_shapes
 
