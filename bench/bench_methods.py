@@ -40,10 +40,12 @@ def synthetic_matrices(tokens: int, seed: int = 0) -> dict[str, tuple[torch.Tens
 def bundled_layer(tokens: int, layer: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Layer `layer` of the bundled SmolLM2: weights and the inputs each matrix sees on calibration text."""
     from sigmascale_core.models import get_module, load_model, target_matrices
-    from sigmascale_core.text import calibration_batch
+    from sigmascale_core.text import DEFAULT_CALIBRATION_TEXT, calibration_batch
 
     loaded = load_model()
-    ids = calibration_batch(loaded.tokenizer, loaded.family, "boolq:calibration", tokens // 512, 512, seed=0)
+    ids = calibration_batch(
+        loaded.tokenizer, loaded.family, DEFAULT_CALIBRATION_TEXT, tokens // 512, 512, seed=0
+    )
     refs = {
         ref.kind: ref for ref in target_matrices(loaded.model) if ref.layer == layer and ref.kind in KINDS
     }

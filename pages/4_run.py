@@ -13,10 +13,11 @@ from pages import _shared as shared
 from sigmascale_core import jobs
 from sigmascale_core.methods import METHODS
 from sigmascale_core.progress import format_seconds
+from sigmascale_core.text import DEFAULT_EVALUATION_TEXTS
 
 st.title("Run")
 cfg = shared.config()
-EVALUATION_TEXTS = ["boolq:evaluation", "lambada"]
+EVALUATION_TEXTS = list(DEFAULT_EVALUATION_TEXTS)
 
 
 def _task_names() -> list[str]:

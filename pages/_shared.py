@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, replace
 
 import streamlit as st
 
+from sigmascale_core.text import DEFAULT_CALIBRATION_TEXT, DEFAULT_HELDOUT_TEXT
+
 DEFAULTS_ENV = "SIGMASCALE_APP_DEFAULTS"  # JSON object overriding AppConfig's defaults (tests, demos)
 DEFAULT_RETENTION = 0.75  # the plan a session starts from: uniform at this retention
 HISTORY = 50  # undo steps kept
@@ -32,13 +34,13 @@ class AppConfig:
     model: str = "smollm2-135m"  # bundled model, a local folder / .gguf, or a hub id
     device: str = field(default_factory=_default_device)  # torch device
     dtype: str = "float32"  # weights dtype while working
-    text: str = "boolq:calibration"  # calibration text spec
+    text: str = DEFAULT_CALIBRATION_TEXT  # calibration text spec
     samples: int = 32  # calibration sequences
     seq_len: int | None = None  # tokens per sequence; None: 512 on CPU, 2048 on GPU
     seed: int = 0  # calibration windows' seed
-    heldout_text: str = "boolq:evaluation"  # held-out tokens for the held-out loss curves
+    heldout_text: str = DEFAULT_HELDOUT_TEXT  # held-out tokens for the held-out loss curves
     heldout_samples: int = 8  # held-out sequences (same seq len)
-    evaluation: tuple[str, ...] = ("boolq:evaluation",)  # a run's perplexity texts
+    evaluation: tuple[str, ...] = (DEFAULT_HELDOUT_TEXT,)  # a run's perplexity texts
     max_eval_tokens: int = 8192  # a run's perplexity budget per text
 
     def calibration(self):

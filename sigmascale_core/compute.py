@@ -41,7 +41,7 @@ from sigmascale_core.models import LoadedModel, MatrixRef, get_module, load_mode
 from sigmascale_core.pipeline import CalibrationConfig, parameter_count
 from sigmascale_core.progress import ProgressEvent
 from sigmascale_core.stats import ActivationStats
-from sigmascale_core.text import calibration_batch, check_disjoint
+from sigmascale_core.text import DEFAULT_HELDOUT_TEXT, calibration_batch, check_disjoint
 
 STAGES = ("model", "weights", "calibration", "cheap", "learned")
 STAGE_LABELS = {
@@ -54,7 +54,7 @@ STAGE_LABELS = {
 FOCUS_KEPT = 8  # matrices remembered as looked at, newest first
 POLL_S = 1.0  # how often a waiting worker looks for work, the lock or results from another process
 WANTS_STALE_S = 600  # another process's focus older than this is ignored
-HELDOUT = CalibrationConfig("boolq:evaluation", samples=8, seed=1)  # the app's held-out tokens
+HELDOUT = CalibrationConfig(DEFAULT_HELDOUT_TEXT, samples=8, seed=1)  # the app's held-out tokens
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

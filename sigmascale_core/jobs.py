@@ -46,6 +46,7 @@ from pathlib import Path
 from sigmascale_core.artifacts import write_json_atomic
 from sigmascale_core.plan import CompressionPlan
 from sigmascale_core.progress import ProgressEvent
+from sigmascale_core.text import DEFAULT_CALIBRATION_TEXT, DEFAULT_HELDOUT_TEXT
 
 RUNS_ENV = "SIGMASCALE_RUNS"  # where runs live; default ./runs
 MAX_RUNS_ENV = "SIGMASCALE_MAX_RUNS"  # how many runs may compute at once; default 1, the rest wait queued
@@ -72,11 +73,11 @@ class RunSpec:
     model: str  # model source, as the CLI's --model
     device: str = "cpu"  # torch device
     dtype: str = "float32"  # weights dtype while working
-    text: str = "boolq:calibration"  # calibration text spec
+    text: str = DEFAULT_CALIBRATION_TEXT  # calibration text spec
     samples: int = 32  # calibration sequences
     seq_len: int | None = None  # tokens per calibration sequence (None: the CLI's default)
     seed: int = 0  # calibration windows' seed
-    evaluation: tuple[str, ...] = ("boolq:evaluation",)  # perplexity texts
+    evaluation: tuple[str, ...] = (DEFAULT_HELDOUT_TEXT,)  # perplexity texts
     max_eval_tokens: int | None = 8192  # perplexity: score the first N tokens of each text
     tasks: tuple[str, ...] = ()  # zero-shot tasks (piqa, hellaswag, ...)
     task_limit: int | None = 100  # zero-shot: the first N items of each task

@@ -24,8 +24,6 @@ from sigmascale_core.models import LoadedModel, load_model, target_matrices, tok
 from sigmascale_core.perplexity import perplexity
 from sigmascale_core.plan import CompressionPlan
 from sigmascale_core.probing import (
-    DEFAULT_CALIBRATION_TEXT,
-    DEFAULT_EVALUATION_TEXTS,
     NESTED_METHODS,
     ProbeConfig,
     calibration_side_batch,
@@ -41,6 +39,8 @@ from sigmascale_core.surgery import (
     target_shapes,
 )
 from sigmascale_core.text import (
+    DEFAULT_CALIBRATION_TEXT,
+    DEFAULT_EVALUATION_TEXTS,
     calibration_batch,
     check_disjoint,
     documents,

@@ -57,7 +57,14 @@ from sigmascale_core.models import (
 )
 from sigmascale_core.progress import Progress
 from sigmascale_core.stats import ActivationStats
-from sigmascale_core.text import calibration_batch, check_disjoint, token_stream, window_starts
+from sigmascale_core.text import (
+    DEFAULT_CALIBRATION_TEXT,
+    DEFAULT_EVALUATION_TEXTS,
+    calibration_batch,
+    check_disjoint,
+    token_stream,
+    window_starts,
+)
 
 TABLE_VERSION = 1
 METRICS = ("perplexity", "relative_loss")
@@ -65,8 +72,6 @@ DEFAULT_RETENTIONS: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 PROXY_RETENTIONS: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 20))  # 0.05 … 0.95
 # The default texts, defined once here (pipeline, CLI and bench import them): calibration and probing
 # read the calibration half of BoolQ; evaluation is the other half and LAMBADA.
-DEFAULT_CALIBRATION_TEXT = "boolq:calibration"
-DEFAULT_EVALUATION_TEXTS: tuple[str, ...] = ("boolq:evaluation", "lambada")
 NESTED_METHODS = ("svd", "asvd", "svdllm")  # scaling independent of the rank: rank-k factors nest
 
 

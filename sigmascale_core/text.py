@@ -34,6 +34,9 @@ import torch
 from sigmascale_core.artifacts import cache_root, read_tensors, save_tensors_atomic
 from sigmascale_core.models import FAMILIES, encode_documents, tokenizer_fingerprint
 
+DEFAULT_CALIBRATION_TEXT = "boolq:calibration"  # statistics, probing and fine-tuning draw from it
+DEFAULT_HELDOUT_TEXT = "boolq:evaluation"  # the app's held-out loss curves
+DEFAULT_EVALUATION_TEXTS: tuple[str, ...] = ("boolq:evaluation", "lambada")  # perplexity; never calibrated on
 SPEC_FORMATS = (
     "boolq:calibration",
     "boolq:evaluation",
