@@ -179,10 +179,15 @@ def pending_note(numbers, method: str) -> str:
     return note
 
 
-@st.fragment(run_every=2.0 if snap.working else None)
+def _pending() -> bool:
+    """Whether the plan's method still has curves to come (then the numbers refresh on their own)."""
+    return not bank.ready(state["plan"].method).all()
+
+
+@st.fragment(run_every=2.0 if _pending() else None)
 def live() -> None:
-    if svc.snapshot().working != snap.working:  # the background work started or ended: redraw it all
-        st.rerun()
+    if _pending() == _drawn_complete:  # the last curves landed, or another method was chosen: one full
+        st.rerun()  # rerun starts or stops the timer
     # the table's edits first, so everything drawn below (Undo included) reflects them
     unit = st.session_state.get("unit", "retention")
     _apply_edits(unit, f"editor_{state['version']}_{unit}")
@@ -253,16 +258,12 @@ def live() -> None:
         per_layer = st.columns(3)
         after = bank.ranks_after(ranks)
         for j, layer in enumerate(layers):
-            key = f"layer_{state['version']}_{layer}"
+            # one widget per layer for the page's life, its value set from the plan: a slider re-created
+            # under a new key can be reported back by the browser as a move it never made
+            key = f"layer_{layer}"
+            st.session_state[key] = _layer_retention(layer, after)
             per_layer[j % 3].slider(
-                f"layer {layer}",
-                0.01,
-                1.0,
-                _layer_retention(layer, after),
-                0.01,
-                key=key,
-                on_change=_layer_slider,
-                args=(layer, key),
+                f"layer {layer}", 0.01, 1.0, step=0.01, key=key, on_change=_layer_slider, args=(layer, key)
             )
 
     chart_data = pd.DataFrame(
@@ -327,6 +328,7 @@ def live() -> None:
         )
 
 
+_drawn_complete = not _pending()
 live()
 
 # -- load a plan, sensitivity source ------------------------------------------------------------------------

@@ -268,7 +268,7 @@ def test_every_page_then_an_edit_then_a_run(server, page):
     page.get_by_role("button", name="Start run").click()
     expect(page.get_by_text("Started run")).to_be_visible(timeout=30_000)
     shot(page, "4_run_started")
-    page.get_by_text("— done;").wait_for(timeout=240_000)
+    page.get_by_text("— done;").wait_for(timeout=480_000)  # a loaded machine: minutes
     shot(page, "4_run_done")
     runs = [p for p in server["runs"].iterdir() if not p.name.startswith(".")]  # .slots: the run limit
     assert len(runs) == 1
