@@ -170,8 +170,7 @@ class SpectraBank:
     def ranks_for_retention(self, retention: np.ndarray | float) -> np.ndarray:
         """Per-matrix rank ⌊r·m·n/(m+n)⌋ (at least 1) as the plan's `uniform` does; full rank when dense."""
         retention = np.broadcast_to(np.asarray(retention, dtype=np.float64), self.full_rank.shape)
-        ranks = np.floor(retention * self.params_before / self.params_per_rank + 1e-9).astype(np.int64)
-        return self.normalise(ranks)
+        return self.normalise(rank_for_retention(self.shapes[:, 0], self.shapes[:, 1], retention))
 
     def normalise(self, ranks: np.ndarray) -> np.ndarray:
         """Clip ranks into [1, min(m, n)], and ranks at or past break-even to min(m, n) (dense)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from sigmascale_core.stats import ActivationStats
@@ -102,7 +103,15 @@ def participation_ratio(singular_values: torch.Tensor) -> float:
 
 
 def rank_for_retention(m: int, n: int, retention: float) -> int:
-    """⌊retention·m·n/(m+n)⌋: the rank whose factors (m·k + k·n) hold `retention` of W's m·n parameters."""
+    """⌊retention·m·n/(m+n)⌋: the rank whose factors (m·k + k·n) hold `retention` of W's m·n parameters.
+
+    Also elementwise over numpy arrays of shapes and retentions (the app's live plan numbers), where
+    every retention must be in (0, 1]."""
+    if isinstance(retention, np.ndarray) or isinstance(m, np.ndarray):
+        retention = np.asarray(retention, dtype=np.float64)
+        if not ((retention > 0) & (retention <= 1)).all():
+            raise ValueError("every retention must be in (0, 1]")
+        return np.floor(retention * m * n / (m + n) + 1e-9).astype(np.int64)
     check_retention(retention)
     # a hair of tolerance so that retention_for_rank(k) maps back to k despite float rounding
     return math.floor(retention * m * n / (m + n) + 1e-9)

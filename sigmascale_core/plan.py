@@ -103,32 +103,6 @@ class CompressionPlan:
         }
         return cls(model_fingerprint, method, dict(options or {}), matrices, retention, "uniform")
 
-    @classmethod
-    def from_table(
-        cls,
-        shapes: dict[str, tuple[int, int]],
-        table: dict[str, dict[str, float | int | None]],
-        method: str,
-        model_fingerprint: str,
-        options: dict[str, object] | None = None,
-    ) -> CompressionPlan:
-        """Per-matrix choices, e.g. edited in the app: {name: {"rank": k} or {"retention": r}}; a matrix
-        missing from the table, or given rank None, stays dense."""
-        unknown = sorted(set(table) - set(shapes))
-        if unknown:
-            raise ValueError(f"the table names matrices the model does not have: {unknown[:5]}")
-        matrices = {}
-        for name, shape in shapes.items():
-            entry = table.get(name, {"rank": None})
-            if set(entry) == {"retention"}:
-                rank = max(1, rank_for_retention(*shape, entry["retention"]))
-            elif set(entry) == {"rank"}:
-                rank = entry["rank"]
-            else:
-                raise ValueError(f"{name}: give exactly one of 'rank' or 'retention', got {sorted(entry)}")
-            matrices[name] = MatrixPlan(tuple(shape), rank)
-        return cls(model_fingerprint, method, dict(options or {}), matrices, None, "table")
-
     def with_ranks(self, ranks: dict[str, int | None], allocation: str | None = None) -> CompressionPlan:
         """A copy with some matrices' ranks replaced."""
         unknown = sorted(set(ranks) - set(self.matrices))

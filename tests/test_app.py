@@ -16,6 +16,7 @@ from tiny import tiny_model
 from transformers import AutoTokenizer
 
 from sigmascale_core import jobs
+from sigmascale_core.metrics import rank_for_retention
 from sigmascale_core.models import bundled_model_dir, model_fingerprint
 from sigmascale_core.plan import CompressionPlan
 from sigmascale_core.surgery import target_shapes
@@ -231,10 +232,13 @@ def test_an_edit_changes_the_totals_correctly(app, tiny):
     assert percent(metric(app, "Params kept")) == pytest.approx(uniform.parameter_retention(), abs=5.1e-5)
     edit(app, {0: {"q": 0.25}, 1: {"down": 0.5}})
     assert not app.exception and not app.error
-    table = {name: {"retention": 0.75} for name in shapes}
-    table["model.layers.0.self_attn.q_proj"] = {"retention": 0.25}
-    table["model.layers.1.mlp.down_proj"] = {"retention": 0.5}
-    expected = CompressionPlan.from_table(shapes, table, "sigmascale", tiny["fingerprint"])
+    edited = {
+        "model.layers.0.self_attn.q_proj": rank_for_retention(
+            *shapes["model.layers.0.self_attn.q_proj"], 0.25
+        ),
+        "model.layers.1.mlp.down_proj": rank_for_retention(*shapes["model.layers.1.mlp.down_proj"], 0.5),
+    }
+    expected = uniform.with_ranks(edited)
     assert percent(metric(app, "Params kept")) == pytest.approx(expected.parameter_retention(), abs=5.1e-5)
     # rank units: the same matrix at a rank
     app.radio(key="unit").set_value("rank").run()

@@ -102,6 +102,7 @@ def server(tmp_path_factory):
     from tiny import tiny_model
     from transformers import AutoTokenizer
 
+    from sigmascale_core.metrics import rank_for_retention
     from sigmascale_core.models import bundled_model_dir
     from sigmascale_core.plan import CompressionPlan
     from sigmascale_core.surgery import target_shapes
@@ -149,9 +150,9 @@ def server(tmp_path_factory):
         time.sleep(0.3)
     # the plan's parameter retention once layer 0's q is set to 0.2 (the others uniform at 0.75)
     shapes = target_shapes(model)
-    table = {name: {"retention": 0.75} for name in shapes}
-    table["model.layers.0.self_attn.q_proj"] = {"retention": 0.2}
-    edited = CompressionPlan.from_table(shapes, table, "svd", "fp").parameter_retention()
+    q = "model.layers.0.self_attn.q_proj"
+    uniform = CompressionPlan.uniform(shapes, 0.75, "svd", "fp")
+    edited = uniform.with_ranks({q: rank_for_retention(*shapes[q], 0.2)}).parameter_retention()
     yield {"base": base, "runs": root / "runs", "log": root / "streamlit.log", "q_at_0.2": edited}
     proc.terminate()
     try:

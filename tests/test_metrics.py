@@ -76,3 +76,17 @@ def test_activation_loss_rejects_mismatches():
         activation_loss(torch.ones(3, 5), torch.ones(3, 5), stats)
     with pytest.raises(ValueError, match="reduction"):
         activation_loss(torch.ones(3, 4), torch.ones(3, 4), stats, "mean")
+
+
+def test_rank_for_retention_elementwise_equals_the_scalar_rule():
+    import numpy as np
+
+    m = np.array([576, 192, 1536, 576, 7])
+    n = np.array([576, 576, 576, 1536, 3])
+    for retention in (0.05, 0.5, 0.75, 1.0):
+        got = rank_for_retention(m, n, np.full(5, retention))
+        assert got.tolist() == [
+            rank_for_retention(int(a), int(b), retention) for a, b in zip(m, n, strict=True)
+        ]
+    with pytest.raises(ValueError, match=r"in \(0, 1\]"):
+        rank_for_retention(m, n, np.array([0.5, 0.5, 0.0, 0.5, 0.5]))

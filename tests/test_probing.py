@@ -58,7 +58,8 @@ def reference_perplexity(model, stats, tokens, name, rank, method, options):
     (surgery), scored by perplexity() over the same windows."""
     compressed = copy.deepcopy(model)
     shapes = target_shapes(model)
-    plan = CompressionPlan.from_table(shapes, {name: {"rank": rank}}, method, "fp", options)
+    dense = CompressionPlan.uniform(shapes, 1.0, method, "fp", options)  # every matrix at break-even
+    plan = dense.with_ranks({n: rank if n == name else None for n in shapes})
     compress(compressed, plan, stats)
     return perplexity(compressed, tokens.reshape(-1), window=tokens.shape[1], batch_size=2).perplexity
 
