@@ -219,7 +219,7 @@ def test_every_page_then_an_edit_then_a_run(server, page):
     second = page.context.new_page()  # another tab on the same server sees the same service
     second.goto(f"{server['base']}/spectra")
     second.get_by_role("heading", name="Spectra").wait_for(timeout=60_000)
-    second.get_by_text("Overview: layers × matrices").wait_for(timeout=120_000)
+    second.get_by_text("Overview: layers × matrices").wait_for(timeout=240_000)
     shot(second, "2_spectra_second_tab")
 
     nav(page, "Spectra")  # fills in by itself as the service finishes: no button
