@@ -177,3 +177,49 @@ def test_a_relearn_at_a_new_rank_serves_plans_near_it(config, cache):
     numbers = bank.evaluate(ranks, "sigmascale")
     assert numbers.learned_rank[i] == new_rank and not numbers.approximate[i]
     service.stop()
+
+
+def test_a_killed_server_resumes_without_recomputing_finished_matrices(config, cache):
+    """SIGKILL a process mid-way (no handler runs, its lock dies with it): a new one reads every
+    finished task back from the cache and computes only the rest."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    child = f"""
+import json, sys, time
+from sigmascale_core.compute import ComputeService, ServiceConfig
+from sigmascale_core.pipeline import CalibrationConfig
+c = json.loads({json.dumps(json.dumps(_config_dict(config)))})
+config = ServiceConfig(model=c["model"], calibration=CalibrationConfig(**c["calibration"]),
+                       heldout=CalibrationConfig(**c["heldout"]))
+service = ComputeService(config).start()
+service.wait_until(lambda s: s.stages["cheap"].done >= 7, timeout=300)
+print(json.dumps([list(t) for t in service.computed]), flush=True)
+time.sleep(600)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True, env=os.environ)
+    try:
+        done_before = {(kind, json.dumps(target)) for kind, target in json.loads(proc.stdout.readline())}
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert ("cheap", "0") in done_before
+    second, snap = run_to_end(config)
+    second.stop()
+    again = {(kind, json.dumps(list(t) if isinstance(t, tuple) else t)) for kind, t in second.computed}
+    finished = {t for t in done_before if t[0] in ("weights", "cheap", "learned")}
+    assert finished and not finished & again
+    assert snap.bank.ready("sigmascale").all()
+
+
+def _config_dict(config):
+    from dataclasses import asdict
+
+    return {
+        "model": config.model,
+        "calibration": asdict(config.calibration),
+        "heldout": asdict(config.heldout),
+    }
