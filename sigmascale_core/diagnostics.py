@@ -24,7 +24,7 @@ Nothing here does I/O or plotting; `esd_histogram` returns plain arrays for the 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
@@ -228,6 +228,20 @@ def esd_histogram(lam: np.ndarray, bins: int = 100) -> tuple[np.ndarray, np.ndar
     return edges, np.sqrt(edges[:-1] * edges[1:]), density
 
 
+def power_law_line(
+    alpha: float, xmin: float, n_tail: int, n: int, lam_max: float, points: int = 50
+) -> tuple[np.ndarray, np.ndarray]:
+    """(λ, density) of the fitted tail on [xmin, λ_max], on the scale of `esd_histogram` over all n eigenvalues.
+
+    The tail holds n_tail of the n eigenvalues, so its share of the whole ESD's density is n_tail/n.
+    """
+    if not (np.isfinite(alpha) and np.isfinite(xmin) and xmin > 0 and lam_max > xmin and n > 0):
+        return np.empty(0), np.empty(0)
+    lam = np.geomspace(xmin, lam_max, points)
+    # p(λ) = (n_tail / n) · (α − 1)/xmin · (λ/xmin)^−α
+    return lam, (n_tail / n) * (alpha - 1.0) / xmin * (lam / xmin) ** -alpha
+
+
 @dataclass(frozen=True)
 class Diagnostics:
     """Every WeightWatcher-style number for one matrix; `to_dict` gives name → value for tables and the UI."""
@@ -261,13 +275,21 @@ class Diagnostics:
     @property
     def warning(self) -> str:
         """WeightWatcher's `warning` column: "under-trained", "over-trained" or ""."""
-        if self.over_trained:
-            return "over-trained"
-        return "under-trained" if self.under_trained else ""
+        return warning(self.under_trained, self.over_trained)
 
     def to_dict(self) -> dict[str, float]:
         return {k: (float(v) if not isinstance(v, bool) else v) for k, v in asdict(self).items()}
 
+
+def warning(under_trained: bool, over_trained: bool) -> str:
+    """WeightWatcher's `warning` text for a pair of flags (also for diagnostics read back from a cache)."""
+    if over_trained:
+        return "over-trained"
+    return "under-trained" if under_trained else ""
+
+
+FIELDS = tuple(f.name for f in fields(Diagnostics))  # the order of `to_dict`, and of the cached vectors
+FLAGS = ("under_trained", "over_trained")  # the boolean fields
 
 DESCRIPTIONS: dict[str, str] = {
     "n_rows": "Rows of the matrix.",
