@@ -232,10 +232,12 @@ class ComputeService:
                 raise TimeoutError(f"compute service: not there after {timeout} s ({snap.current})")
             time.sleep(0.05)
 
-    def run_here(self, done: Callable[[SpectraBank], bool]) -> Snapshot:
+    def run_here(
+        self, done: Callable[[SpectraBank], bool], progress: Callable[[ProgressEvent], None] | None = None
+    ) -> Snapshot:
         """Run the worker's tasks in the calling thread until `done(bank)` or none is left: the CLI's
-        synchronous path through the same tasks and cache. Where another process leads (an app server),
-        its results are read from the cache as they land instead."""
+        synchronous path through the same tasks and cache; `progress` gets each finished task's stage.
+        Where another process leads (an app server), its results are read from the cache instead."""
         self._prepare()
         try:
             while not done(self.bank):
@@ -247,6 +249,8 @@ class ComputeService:
                 if task is None:
                     break
                 self._do(*task)
+                if progress is not None and task[0] in self._stages:
+                    progress(self.snapshot().stages[task[0]].event(task[0]))
         finally:
             self._release_lock()
         self._set(state="idle", current="")

@@ -320,6 +320,17 @@ DESCRIPTIONS: dict[str, str] = {
 }
 
 
+def model_averages(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Mean of each diagnostic over matrices (the flags' means are the share flagged), NaNs skipped;
+    "matrices" counts the rows. A model-level summary, as WeightWatcher's `get_summary`."""
+    out: dict[str, float] = {"matrices": len(rows)}
+    for field in FIELDS:
+        values = np.array([float(r[field]) for r in rows], dtype=np.float64)
+        values = values[np.isfinite(values)]
+        out[field] = float(values.mean()) if values.size else float("nan")
+    return out
+
+
 def diagnostics(
     sigma: np.ndarray, shape: tuple[int, int], W: np.ndarray | None = None, seed: int = 0
 ) -> Diagnostics:
