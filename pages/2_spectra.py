@@ -308,7 +308,7 @@ else:
         else bank.sigma(name, esd_method)
     )
     lam = eigenvalues(sigma)
-    edges, centres, density = esd_histogram(lam, bins=60)
+    edges, _, density = esd_histogram(lam, bins=60)
     bars = pd.DataFrame({"lo": edges[:-1], "hi": edges[1:], "density": density})
     bars = bars[bars["density"] > 0]
     floor = float(bars["density"].min()) / 2
@@ -330,7 +330,8 @@ else:
             ],
         )
     )
-    line_x, line_y = power_law_line(values["alpha"], values["xmin"], int(values["n_tail"]), lam.size, lam[-1])
+    positive = int((lam > 0).sum())  # the histogram's normalisation
+    line_x, line_y = power_law_line(values["alpha"], values["xmin"], int(values["n_tail"]), positive, lam[-1])
     fit = pd.DataFrame({"lo": line_x, "density": line_y})
     fit = fit[fit["density"] >= floor]
     power_law = (

@@ -66,9 +66,7 @@ def runs_root() -> Path:
 class RunSpec:
     """What a run does; the steps (CLI commands) are derived from it by `build_steps`."""
 
-    kind: (
-        str  # "compress" (the plan), "dense" (the uncompressed model: the baseline) or "probe" (sensitivity)
-    )
+    kind: str  # "compress" (the plan), "dense" (the uncompressed model: the baseline) or "probe" (sensitivity)
     model: str  # model source, as the CLI's --model
     device: str = "cpu"  # torch device
     dtype: str = "float32"  # weights dtype while working
