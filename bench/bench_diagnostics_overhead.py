@@ -5,6 +5,13 @@
 Reads every σ the service has cached for the model (run `sigmascale spectra --diagnostics` or the app
 first, same calibration options), then times the three diagnostics tasks of each layer (written to a
 temporary cache, the real one is left alone) next to the σ(W) task they follow.
+
+Measured (SmolLM2-135M, 30 layers × 7 matrices, ≤ 576 singular values, 1 thread, CPU): σ(W) task
+0.22 s per layer; diagnostics of W 0.20 s per layer (the shuffled-W ESD is most of it: 0.09 s per layer
+with an SVD per matrix before it used the smaller Gram's eigenvalues, 3× faster), of asvd + svdllm
+0.05 s, of SigmaScale 0.03 s (7 matrices). Together ≈ 0.28 s per layer against ≈ 21 s of the
+service's other work per layer (σ(W) 0.2, calibration 5.1, cheap curves 5.7, learned 10.8): 1.3 %.
+The W diagnostics of all layers run before the calibration sweep and delay it by ≈ 6 s.
 """
 
 from __future__ import annotations

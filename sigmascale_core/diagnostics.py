@@ -206,8 +206,11 @@ def mp_fit(lam: np.ndarray, shape: tuple[int, int]) -> MPFit:
 def shuffled_eigenvalues(W: np.ndarray, seed: int = 0) -> np.ndarray:
     """ESD of W with its entries randomly permuted (seeded): same entry distribution, correlations gone."""
     W = np.asarray(W, dtype=np.float64)
-    flat = np.random.default_rng(seed).permutation(W.ravel())
-    return eigenvalues(np.linalg.svd(flat.reshape(W.shape), compute_uv=False))
+    R = np.random.default_rng(seed).permutation(W.ravel()).reshape(W.shape)
+    # eigenvalues of the smaller Gram (RᵀR or RRᵀ): ~3× faster than an SVD of R, and a shuffled matrix
+    # is well conditioned, so λ_max and the bulk keep full relative precision
+    gram = R.T @ R if R.shape[0] >= R.shape[1] else R @ R.T
+    return np.sort(np.clip(np.linalg.eigvalsh(gram), 0.0, None))
 
 
 def esd_histogram(lam: np.ndarray, bins: int = 100) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
