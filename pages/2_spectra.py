@@ -347,27 +347,34 @@ else:
     )
     edge = (
         alt.Chart(rules)
-        .mark_rule(strokeDash=[5, 3])
+        .mark_rule(strokeWidth=2, strokeDash=[5, 3])
         .encode(
             x="lo:Q",
-            color=alt.Color("what:N", title=None, scale=alt.Scale(range=["#d62728", "#555555"])),
+            color=alt.Color(
+                "what:N",
+                title=None,
+                scale=alt.Scale(range=["#d62728", "#555555"]),
+                legend=alt.Legend(orient="bottom", labelLimit=400),
+            ),
             tooltip=["what", alt.Tooltip("lo:Q", format=".4g", title="λ")],
         )
     )
-    left, right = st.columns([3, 2])
     learned_note = f", learned at rank {learned_at}" if esd_method == "sigmascale" else ""
-    left.markdown(
+    st.markdown(
         f"**ESD of {LABELS[esd_method]}{learned_note}** (log–log) with the fitted power law "
-        f"p(λ) ∝ λ^−{values['alpha']:.2f} from xmin"
+        f"p(λ) ∝ λ^−{values['alpha']:.2f} from xmin (black)"
     )
-    left.altair_chart((histogram + power_law + edge).properties(height=300).interactive(), width="stretch")
-    right.markdown("**How the activations move them**: W vs each scaled matrix")
+    chart = (histogram + power_law + edge).properties(height=320)
+    st.altair_chart(chart.interactive(), width="stretch")
+    st.markdown("**How the activations move them**: W against each scaled matrix (this matrix)")
     comparison = pd.DataFrame(
         {LABELS[x]: [bank.diagnostics[name][x][f] for f in COMPARED] for x in diagnosed}, index=COMPARED
     )
     comparison["meaning"] = [DESCRIPTIONS[f] for f in COMPARED]
-    right.dataframe(
-        comparison, width="stretch", column_config={"meaning": st.column_config.TextColumn(width="large")}
+    st.dataframe(
+        comparison,
+        width="stretch",
+        column_config={x: st.column_config.NumberColumn(format="%.4g") for x in comparison.columns[:-1]},
     )
     flags = {LABELS[x]: bank.diagnostics[name][x] for x in diagnosed}
     warnings = [
@@ -375,7 +382,7 @@ else:
         for label, d in flags.items()
         if d["under_trained"] or d["over_trained"]
     ]
-    right.caption(
+    st.caption(
         "WeightWatcher's flags — "
         + ("; ".join(warnings) if warnings else "none (alpha between 2 and 6 everywhere)")
         + f". {DESCRIPTIONS['under_trained']} {DESCRIPTIONS['over_trained']}"

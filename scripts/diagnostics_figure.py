@@ -2,7 +2,7 @@
 screenshotted by Playwright's chromium from `streamlit run app.py` on an already filled cache.
 
     OMP_NUM_THREADS=1 SIGMASCALE_CACHE=/tmp/cache sigmascale spectra --diagnostics --out /tmp/d.csv
-    SIGMASCALE_CACHE=/tmp/cache python scripts/diagnostics_figure.py --layer 10 --matrix q --method svdllm
+    SIGMASCALE_CACHE=/tmp/cache python scripts/diagnostics_figure.py --layer 10 --matrix up --method svdllm
 """
 
 from __future__ import annotations
@@ -60,9 +60,10 @@ def main() -> None:
             page.get_by_test_id("stSelectbox").filter(has_text="Layer").click()
             page.get_by_role("option", name=str(args.layer), exact=True).click()
             page.wait_for_timeout(3000)
-            page.get_by_role("button", name=args.matrix, exact=True).first.click()
+            page.get_by_test_id("stButtonGroup").first.get_by_text(args.matrix, exact=True).click()
             page.wait_for_timeout(3000)
-            page.get_by_role("button", name=LABELS[args.method], exact=True).last.click()
+            esd = page.get_by_test_id("stButtonGroup").filter(has_text="W (plain SVD)").last
+            esd.get_by_text(LABELS[args.method], exact=True).click()
             page.wait_for_timeout(5000)
             top = page.get_by_text("Spectral diagnostics (WeightWatcher's)").bounding_box()
             bottom = page.get_by_text("Diagnostics of every matrix").bounding_box()
