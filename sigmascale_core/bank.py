@@ -2,7 +2,8 @@
 arrays, so a plan's totals are array lookups (`SpectraBank.evaluate`), microseconds for 210 matrices.
 
 Rows fill in as the compute service (compute.py) finishes them: the plain spectrum of W first (weights
-only), then the cheap methods' curves (after calibration), then SigmaScale's learned ones. A row that
+only), then the cheap methods' curves (after calibration), then SigmaScale's learned ones; each
+followed by its spectral diagnostics (`diagnostics`, WeightWatcher's numbers). A row that
 is not ready is NaN and is never replaced by another method's numbers: `PlanNumbers.ready` says which
 rows the totals cover. SigmaScale may hold several learned variants of one matrix (one per rank it was
 learned at); a plan's numbers use, per matrix, the variant learned closest to the plan's rank.
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sigmascale_core.allocation import DamageCurve, damage_curve, max_rank
+from sigmascale_core.diagnostics import warning
 from sigmascale_core.methods import METHODS
 from sigmascale_core.metrics import rank_for_retention
 from sigmascale_core.models import MATRIX_KINDS, MatrixRef
@@ -110,6 +112,9 @@ class SpectraBank:
         self.weights_sigma: dict[str, np.ndarray] = {}  # name -> σ(W), known before calibration
         self.cheap: dict[str, dict[str, MethodSpectrum]] = {}  # name -> method -> spectrum
         self.learned: dict[str, dict[int, MethodSpectrum]] = {}  # name -> rank -> sigmascale spectrum
+        # name -> method -> diagnostics.Diagnostics.to_dict() of the matrix it truncates ("svd": W itself;
+        # "sigmascale": the scaling learned at the reference rank)
+        self.diagnostics: dict[str, dict[str, dict[str, float]]] = {}
         self._lock = threading.Lock()
 
     # -- writers -----------------------------------------------------------------------------------
@@ -136,6 +141,11 @@ class SpectraBank:
             variants[spectrum.rank] = spectrum
             if len(variants) == 1:
                 self._set_row(self.index[name], "sigmascale", spectrum)
+
+    def set_diagnostics(self, name: str, method: str, values: dict[str, float]) -> None:
+        """The spectral diagnostics of the matrix `method` truncates for `name`."""
+        with self._lock:
+            self.diagnostics.setdefault(name, {})[method] = values
 
     def _set_row(self, i: int, method: str, spectrum: MethodSpectrum) -> None:
         for split in SPLITS:
@@ -165,6 +175,33 @@ class SpectraBank:
             return self.weights_sigma[name]
         spectrum = self.spectrum(name, method)
         return None if spectrum is None else spectrum.sigma
+
+    def has_diagnostics(self, name: str, method: str) -> bool:
+        return method in self.diagnostics.get(name, {})
+
+    def diagnostic(self, field: str, method: str) -> np.ndarray:
+        """(N,) one diagnostic of every matrix under `method` (NaN: pending; flags as 0/1)."""
+        with self._lock:
+            return np.array(
+                [float(self.diagnostics.get(n, {}).get(method, {}).get(field, np.nan)) for n in self.names]
+            )
+
+    def diagnostic_rows(self, methods: Sequence[str]) -> list[dict[str, object]]:
+        """One row per matrix and method whose diagnostics are ready, in model order: matrix, layer, kind,
+        method, every diagnostic and WeightWatcher's warning (what the Spectra table and the CLI list)."""
+        rows = []
+        with self._lock:
+            for ref in self.refs:
+                for method in methods:
+                    values = self.diagnostics.get(ref.name, {}).get(method)
+                    if values is not None:
+                        warn = warning(values["under_trained"], values["over_trained"])
+                        rows.append(
+                            {"matrix": ref.name, "layer": ref.layer, "kind": ref.kind, "method": method}
+                            | values
+                            | {"warning": warn}
+                        )
+        return rows
 
     # -- conversions -------------------------------------------------------------------------------
     def ranks_for_retention(self, retention: np.ndarray | float) -> np.ndarray:

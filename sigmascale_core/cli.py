@@ -292,6 +292,11 @@ def _load_any(args: argparse.Namespace):
 
 
 def cmd_spectra(args: argparse.Namespace) -> None:
+    if args.diagnostics:
+        _spectra_diagnostics(args)
+        return
+    if args.layer is None or args.matrix is None:
+        raise ValueError("--layer and --matrix choose the matrix (or pass --diagnostics for the whole model)")
     from sigmascale_core.calibration import stats_key
     from sigmascale_core.models import get_module, target_matrices
     from sigmascale_core.pipeline import calibrate
@@ -328,13 +333,77 @@ def cmd_spectra(args: argparse.Namespace) -> None:
     writer = csv.writer(buffer)
     writer.writerow(["method", "index", "singular_value", "relative_loss_keeping_through_index"])
     writer.writerows(rows)
-    if args.out:
-        from sigmascale_core.artifacts import write_text_atomic
-
-        write_text_atomic(buffer.getvalue(), args.out)
-    else:
-        sys.stdout.write(buffer.getvalue())
+    _write_text(buffer.getvalue(), args.out)
     print(json.dumps({k: v for k, v in summary.items() if k != "spectra"}, indent=2), file=sys.stderr)
+
+
+def _spectra_diagnostics(args: argparse.Namespace) -> None:
+    """The Spectra page's diagnostics table, through the app's compute service and cache (synchronously)."""
+    from sigmascale_core.compute import HELDOUT, ComputeService, ServiceConfig
+    from sigmascale_core.diagnostics import FIELDS, model_averages
+    from sigmascale_core.pipeline import CalibrationConfig, check_device
+
+    check_device(args.device)
+    methods = _diagnosed_methods(args.methods)
+    calibration = _calibration_config(args)
+    # the app's held-out convention (same length, next seed), so both share one cache key
+    heldout = CalibrationConfig(HELDOUT.text, HELDOUT.samples, calibration.seq_len, calibration.seed + 1)
+    config = ServiceConfig(args.model, args.device, args.dtype, calibration, heldout, args.retention)
+    config.check()
+    service = ComputeService(config)
+    chosen: list[str] = []
+
+    def done(bank) -> bool:
+        if not chosen:  # the model is laid out: pick the matrices once
+            chosen.extend(
+                r.name for r in bank.refs if args.layer in (None, r.layer) and args.matrix in (None, r.kind)
+            )
+            if not chosen:
+                n_layers = int(bank.layers.max()) + 1
+                raise ValueError(
+                    f"no matrix {args.matrix or 'of any kind'!r} in layer {args.layer} "
+                    f"(the model has {n_layers} layers)"
+                )
+            for name in reversed(chosen[:8]):  # a few named matrices jump the queue, as a page's focus
+                service.focus(name)
+        return all(bank.has_diagnostics(n, m) for n in chosen for m in methods)
+
+    snap = service.run_here(done, args.events)
+    bank = snap.bank
+    rows = [row for row in bank.diagnostic_rows(methods) if row["matrix"] in set(chosen)]
+    averages = {m: model_averages([r for r in rows if r["method"] == m]) for m in methods}
+    if args.format == "json":  # strict JSON: NaN (a number that does not apply) as null
+        clean = lambda d: {k: None if isinstance(v, float) and v != v else v for k, v in d.items()}  # noqa: E731
+        averages = {m: clean(a) for m, a in averages.items()}
+        _write_json(
+            {"methods": methods, "averages": averages, "matrices": [clean(r) for r in rows]}, args.out
+        )
+        return
+    columns = ["matrix", "layer", "kind", "method", *FIELDS, "warning"]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    _write_text(buffer.getvalue(), args.out)
+    print(json.dumps({"matrices": len(chosen), "averages": averages}, indent=2), file=sys.stderr)
+
+
+def _diagnosed_methods(text: str) -> list[str]:
+    methods = [m for m in text.split(",") if m]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown or not methods:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    return methods
+
+
+def _write_text(text: str, path: Path | None) -> None:
+    if path is None:
+        sys.stdout.write(text)
+        return
+    from sigmascale_core.artifacts import write_text_atomic
+
+    write_text_atomic(text, path)
+    print(f"wrote {path}", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -528,14 +597,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_eval)
 
     p = sub.add_parser(
-        "spectra", help="singular values and effective ranks of one matrix, before/after scaling"
+        "spectra",
+        help="singular values and effective ranks of one matrix, before/after scaling; with --diagnostics, "
+        "WeightWatcher's spectral diagnostics of every matrix",
+        description="Without --diagnostics: one matrix's singular values and loss curve per method "
+        "(--layer and --matrix required). With --diagnostics: one row per matrix and method with "
+        "WeightWatcher's diagnostics (alpha, stable rank, log norms, MP bulk and spikes, soft rank, rank "
+        "loss, under/over-trained warning) of the matrix the method truncates: W for svd (with the "
+        "shuffled-W correlation traps), W·S for asvd, svdllm and sigmascale (learned at the rank a uniform "
+        "plan at --retention gives). The whole model, or the matrices --layer/--matrix select; computed "
+        "by the app's compute service into the same cache (an app running on the same cache computes "
+        "them instead, and a second call only reads them back). sigmascale learns a scaling per "
+        "matrix: leave it out of --methods for a quick look.",
     )
     _model_args(p)
     _calibration_args(p)
-    p.add_argument("--layer", type=int, required=True, help="decoder layer index")
-    p.add_argument("--matrix", choices=("q", "k", "v", "o", "gate", "up", "down"), required=True)
+    p.add_argument("--layer", type=int, help="decoder layer index (--diagnostics: default every layer)")
+    p.add_argument(
+        "--matrix",
+        choices=("q", "k", "v", "o", "gate", "up", "down"),
+        help="matrix kind (--diagnostics: default every kind)",
+    )
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods")
-    p.add_argument("--retention", type=_retention, default=0.75, help="rank cut for the loss column")
+    p.add_argument(
+        "--retention",
+        type=_retention,
+        default=0.75,
+        help="rank cut for the loss column; with --diagnostics, the retention sigmascale is learned at",
+    )
+    p.add_argument(
+        "--diagnostics",
+        action="store_true",
+        help="write the spectral diagnostics table (CSV: one row per matrix and method; JSON: with the "
+        "model averages) instead of one matrix's spectra",
+    )
     p.add_argument("--format", choices=("csv", "json"), default="csv")
     p.add_argument("--out", type=Path, help="write here (default: stdout)")
     p.set_defaults(run=cmd_spectra)

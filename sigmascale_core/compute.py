@@ -11,6 +11,11 @@ small tasks, each of which lands atomically in the disk cache (spectra.py, calib
   5. relearn requests: SigmaScale at a rank a plan moved to;
   6. learned: SigmaScale's scaling of every matrix at the reference plan's rank.
 
+Each result's spectral diagnostics (WeightWatcher's numbers, spectra.py) follow it as a small task of
+its layer ("diagnostics", ahead of 3–6): W's right after the weights, asvd's and svdllm's after the
+cheap curves, SigmaScale's after the scaling learned at the reference rank. They are not a progress
+stage (a few hundredths of a second per matrix); `Snapshot.bank.diagnostics` holds them.
+
 Across processes (two app servers, a CLI run beside the app) a file lock per cache folder and key
 elects one worker; the others read the results from disk as they land, and send their focus through
 small per-process files. A restarted server reads every finished task back from the cache.
@@ -227,6 +232,30 @@ class ComputeService:
                 raise TimeoutError(f"compute service: not there after {timeout} s ({snap.current})")
             time.sleep(0.05)
 
+    def run_here(
+        self, done: Callable[[SpectraBank], bool], progress: Callable[[ProgressEvent], None] | None = None
+    ) -> Snapshot:
+        """Run the worker's tasks in the calling thread until `done(bank)` or none is left: the CLI's
+        synchronous path through the same tasks and cache; `progress` gets each finished task's stage.
+        Where another process leads (an app server), its results are read from the cache instead."""
+        self._prepare()
+        try:
+            while not done(self.bank):
+                if not self._lead():
+                    self._read_disk()
+                    time.sleep(POLL_S)
+                    continue
+                task = self._next_task()
+                if task is None:
+                    break
+                self._do(*task)
+                if progress is not None and task[0] in self._stages:
+                    progress(self.snapshot().stages[task[0]].event(task[0]))
+        finally:
+            self._release_lock()
+        self._set(state="idle", current="")
+        return self.snapshot()
+
     # -- the worker ----------------------------------------------------------------------------------
     def _run(self) -> None:
         try:
@@ -298,13 +327,30 @@ class ComputeService:
                 cheap = spectra.load_layer(key, refs)
                 for name, by_method in (cheap or {}).items():
                     bank.set_cheap(name, by_method)
+            if not bank.has_diagnostics(refs[0].name, "svd"):
+                found = spectra.load_weights_diagnostics(fingerprint, refs)
+                for name, values in (found or {}).items():
+                    bank.set_diagnostics(name, "svd", values)
+            if not bank.has_diagnostics(refs[0].name, spectra.SCALED_METHODS[0]):
+                found = spectra.load_layer_diagnostics(key, refs)
+                for name, by_method in (found or {}).items():
+                    for method, values in by_method.items():
+                        bank.set_diagnostics(name, method, values)
         present = spectra.learned_files(key)
+        diagnosed = spectra.learned_files(key, spectra.diagnostics_dir())
         for ref in bank.refs:
             for rank in present.get(spectra.slug(ref.name), ()):
                 if not self._has_learned(ref.name, rank):
                     spectrum = spectra.load_sigmascale(key, ref, rank)
                     if spectrum is not None:
                         bank.set_learned(ref.name, spectrum)
+            rank = self._reference_rank(ref)
+            if rank in diagnosed.get(spectra.slug(ref.name), ()) and not bank.has_diagnostics(
+                ref.name, "sigmascale"
+            ):
+                values = spectra.load_sigmascale_diagnostics(key, ref, rank)
+                if values is not None:
+                    bank.set_diagnostics(ref.name, "sigmascale", values)
         if not self._stats_layers:
             self._load_cached_stats()
         self._count()
@@ -351,6 +397,9 @@ class ComputeService:
                 continue
             if name not in bank.weights_sigma:
                 return "weights", ref.layer
+            due = self._diagnostics_due(ref.layer)
+            if due is not None:
+                return "diagnostics", due
             if ref.layer in self._stats_layers and name not in bank.cheap:
                 return "cheap", ref.layer
             rank = self._reference_rank(ref)
@@ -359,6 +408,10 @@ class ComputeService:
         for layer, refs in self._refs().items():
             if refs[0].name not in bank.weights_sigma:
                 return "weights", layer
+        for layer in self._refs():
+            due = self._diagnostics_due(layer)
+            if due is not None:
+                return "diagnostics", due
         for layer in sorted(self._stats_layers):
             if any(r.name not in bank.cheap for r in self._refs()[layer]):
                 return "cheap", layer
@@ -378,6 +431,10 @@ class ComputeService:
             "cheap": lambda: f"svd / asvd / svdllm curves of layer {target}",
             "calibration": lambda: f"calibration statistics of layer {len(self._stats_layers)}",
             "learned": lambda: f"learning SigmaScale for {target[0]} at rank {target[1]}",
+            "diagnostics": lambda: (
+                f"spectral diagnostics of {target[1] if target[0] == 'learned' else f'layer {target[1]}'}"
+                f" ({target[0]})"
+            ),
         }[kind]()
         self._set(current=label)
         start = time.perf_counter()
@@ -385,8 +442,9 @@ class ComputeService:
         elapsed = time.perf_counter() - start
         self.computed.append((kind, target))
         with self._lock:
-            self._stages[kind].seconds += elapsed
-            self._stages[kind].detail = label
+            if kind in self._stages:  # diagnostics are no stage of their own
+                self._stages[kind].seconds += elapsed
+                self._stages[kind].detail = label
         self._count()
         self._write_status()
 
@@ -412,6 +470,44 @@ class ComputeService:
         self.bank.set_learned(name, spectrum)
         with self._lock:
             self._wants.learn = [p for p in self._wants.learn if p != (name, rank)]
+
+    def _diagnostics_due(self, layer: int) -> tuple[str, object] | None:
+        """The first result of `layer` that is ready while its diagnostics are not: ("weights", layer),
+        ("cheap", layer) or ("learned", matrix name); None when there is none."""
+        bank, refs = self.bank, self._refs()[layer]
+        first = refs[0].name  # weights and cheap results land a whole layer at a time
+        if first in bank.weights_sigma and not bank.has_diagnostics(first, "svd"):
+            return "weights", layer
+        if first in bank.cheap and not bank.has_diagnostics(first, spectra.SCALED_METHODS[0]):
+            return "cheap", layer
+        for ref in refs:
+            learned = self._has_learned(ref.name, self._reference_rank(ref))
+            if learned and not bank.has_diagnostics(ref.name, "sigmascale"):
+                return "learned", ref.name
+        return None
+
+    def _do_diagnostics(self, target: tuple[str, object]) -> None:
+        """The diagnostics of one result (`_diagnostics_due`), written atomically beside its spectra."""
+        kind, what = target
+        bank = self.bank
+        if kind == "weights":
+            refs = self._refs()[what]
+            sigmas = {r.name: bank.weights_sigma[r.name] for r in refs}
+            found = spectra.compute_weights_diagnostics(self.loaded.fingerprint, refs, sigmas, self._weights)
+            for name, values in found.items():
+                bank.set_diagnostics(name, "svd", values)
+        elif kind == "cheap":
+            refs = self._refs()[what]
+            cheap = {r.name: bank.cheap[r.name] for r in refs}
+            for name, by_method in spectra.compute_layer_diagnostics(self.key, refs, cheap).items():
+                for method, values in by_method.items():
+                    bank.set_diagnostics(name, method, values)
+        else:
+            ref = bank.refs[bank.index[what]]
+            spectrum = bank.learned[what][self._reference_rank(ref)]
+            bank.set_diagnostics(
+                what, "sigmascale", spectra.compute_sigmascale_diagnostics(self.key, ref, spectrum)
+            )
 
     def _do_calibration(self, _target: None) -> None:
         """One decoder layer of the statistics sweep over the splits not cached yet."""

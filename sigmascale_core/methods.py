@@ -220,10 +220,7 @@ def scaled_spectrum(
     **options: object,
 ) -> torch.Tensor:
     """Singular values of the scaled matrix each method truncates (float64): what the app plots."""
-    opts = _options(method, options)
-    _check_inputs(W, stats, method)
-    W64 = W.to(torch.float64)
-    return singular_values(_fit_scaling(W64, stats, rank, method, opts).apply(W64))
+    return singular_values(scaled_matrix(W, stats, method, rank, **options))
 
 
 # loss(k) = Σ_{i,j>k} σ_i σ_j (u_iᵀ S_row⁻² u_j) (v_iᵀ S_col⁻¹ G S_col⁻ᵀ v_j): the error of keeping k
@@ -426,3 +423,17 @@ def _fix_gauge(r: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     """(r + t, c − t) with t = (Σc − Σr)/(m + n), the shift that minimises ‖r‖² + ‖c‖²."""
     t = (c.sum() - r.sum()) / (r.numel() + c.numel())
     return r + t, c - t
+
+
+def scaled_matrix(
+    W: torch.Tensor,
+    stats: ActivationStats | None,
+    method: str = "svd",
+    rank: int | None = None,
+    **options: object,
+) -> torch.Tensor:
+    """W_s = S_row·W·S_col, the matrix `method` truncates (float64): what its spectral diagnostics describe."""
+    opts = _options(method, options)
+    _check_inputs(W, stats, method)
+    W64 = W.to(torch.float64)
+    return _fit_scaling(W64, stats, rank, method, opts).apply(W64)

@@ -10,7 +10,8 @@ Three kinds of result, each computed once and cached:
 Files: cache_root()/spectra/<model>-L<layer>-weights.safetensors, <digest>-L<layer>.safetensors and
 <digest>-<matrix>-sigmascale-r<rank>.safetensors, where the digest covers the model fingerprint, both
 stats cache keys and the methods' options; written atomically with a content checksum, and an
-unreadable, corrupt or foreign file is recomputed.
+unreadable, corrupt or foreign file is recomputed. The spectral diagnostics (WeightWatcher's) of each
+file's matrices go to a file of the same name in spectra/diagnostics/, keyed by the same metadata.
 
 Nothing here imports Streamlit; the app calls these functions (through compute.py) and draws the results.
 """
@@ -30,6 +31,7 @@ import torch
 
 from sigmascale_core.artifacts import cache_root, read_tensors, save_tensors_atomic
 from sigmascale_core.calibration import STATS_FORMAT, stats_key
+from sigmascale_core.diagnostics import FIELDS, FLAGS, diagnostics
 from sigmascale_core.methods import METHOD_OPTIONS, method_curves
 from sigmascale_core.models import LoadedModel, MatrixRef, tokenizer_fingerprint
 from sigmascale_core.pipeline import CalibrationConfig
@@ -278,12 +280,12 @@ def learn_sigmascale(
     return spectrum
 
 
-def learned_files(key: SpectraKey) -> dict[str, list[int]]:
+def learned_files(key: SpectraKey, folder: Path | None = None) -> dict[str, list[int]]:
     """{matrix slug: ranks} of the learned SigmaScale files of `key` present in the cache (one listing;
-    the files are validated when read)."""
+    the files are validated when read); `folder=diagnostics_dir()` lists their diagnostics instead."""
     prefix, suffix = f"{key.digest}-", ".safetensors"
     out: dict[str, list[int]] = {}
-    folder = spectra_dir()
+    folder = spectra_dir() if folder is None else folder
     if not folder.is_dir():
         return out
     for entry in os.scandir(folder):
@@ -294,6 +296,129 @@ def learned_files(key: SpectraKey) -> dict[str, list[int]]:
         if rank.isdigit():
             out.setdefault(slug, []).append(int(rank))
     return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Spectral diagnostics (diagnostics.py) of W and of each method's scaled matrix, cached beside the spectra
+#
+# "svd" stands for W itself and alone gets the shuffled-W numbers (correlation traps): shuffling W·S
+# would spread the scaling's loud columns over every column and measure the scaling, not the training.
+# The scaled matrices' diagnostics need only their σ, which the spectra files already hold.
+
+DIAGNOSTICS_FORMAT = "1"  # bump when the diagnostics' definitions change
+SCALED_METHODS = ("asvd", "svdllm")  # the cheap methods whose scaled matrix is not W
+
+
+def diagnostics_dir() -> Path:
+    return spectra_dir() / "diagnostics"
+
+
+def diagnostics_path(spectra_file: Path) -> Path:
+    """Where the diagnostics of a spectra file's matrices go: the same name, in `diagnostics_dir()`."""
+    return diagnostics_dir() / spectra_file.name
+
+
+def _diagnostics_meta_key(spectra_meta_key: str) -> str:
+    return json.dumps({"diagnostics": DIAGNOSTICS_FORMAT, "fields": FIELDS, "spectra": spectra_meta_key})
+
+
+def _save_diagnostics(path: Path, spectra_meta_key: str, entries: dict[str, dict[str, float]]) -> None:
+    """One float64 vector per entry, in `FIELDS` order (flags as 0/1), checksummed and atomic."""
+    tensors = {
+        entry: torch.tensor([float(values[f]) for f in FIELDS], dtype=torch.float64)
+        for entry, values in entries.items()
+    }
+    meta = {"format": SPECTRA_FORMAT, "key": _diagnostics_meta_key(spectra_meta_key)}
+    save_tensors_atomic(tensors, path, meta)
+
+
+def _load_diagnostics(
+    path: Path, spectra_meta_key: str, entries: Sequence[str]
+) -> dict[str, dict[str, float]] | None:
+    """{entry: diagnostics dict} as `Diagnostics.to_dict` gives it, or None unless every entry is there."""
+    arrays = _read(path, _diagnostics_meta_key(spectra_meta_key))
+    if arrays is None:
+        return None
+    out = {}
+    for entry in entries:
+        vector = arrays.get(entry)
+        if vector is None or vector.shape != (len(FIELDS),):
+            return None
+        out[entry] = {
+            f: bool(x) if f in FLAGS else float(x) for f, x in zip(FIELDS, vector.tolist(), strict=True)
+        }
+    return out
+
+
+def compute_weights_diagnostics(
+    fingerprint: str,
+    refs: Sequence[MatrixRef],
+    sigmas: dict[str, np.ndarray],
+    weights: dict[str, torch.Tensor],
+) -> dict[str, dict[str, float]]:
+    """{matrix name: diagnostics of W} of one layer (with the shuffled-W comparison), saved atomically."""
+    out = {
+        r.name: diagnostics(
+            sigmas[r.name], r.shape, W=weights[r.name].to(torch.float64).cpu().numpy()
+        ).to_dict()
+        for r in refs
+    }
+    layer = refs[0].layer
+    path = diagnostics_path(weights_path(fingerprint, layer))
+    _save_diagnostics(path, _weights_meta_key(fingerprint, layer, refs), {r.kind: out[r.name] for r in refs})
+    return out
+
+
+def load_weights_diagnostics(
+    fingerprint: str, refs: Sequence[MatrixRef]
+) -> dict[str, dict[str, float]] | None:
+    layer = refs[0].layer
+    path = diagnostics_path(weights_path(fingerprint, layer))
+    read = _load_diagnostics(path, _weights_meta_key(fingerprint, layer, refs), [r.kind for r in refs])
+    return None if read is None else {r.name: read[r.kind] for r in refs}
+
+
+def compute_layer_diagnostics(
+    key: SpectraKey, refs: Sequence[MatrixRef], cheap: dict[str, dict[str, MethodSpectrum]]
+) -> dict[str, dict[str, dict[str, float]]]:
+    """{matrix name: {method: diagnostics}} of asvd's and svdllm's scaled matrices of one layer, saved."""
+    out = {
+        r.name: {m: diagnostics(cheap[r.name][m].sigma, r.shape).to_dict() for m in SCALED_METHODS}
+        for r in refs
+    }
+    layer = refs[0].layer
+    entries = {f"{r.kind}.{m}": out[r.name][m] for r in refs for m in SCALED_METHODS}
+    _save_diagnostics(diagnostics_path(layer_path(key, layer)), _layer_meta_key(key, layer, refs), entries)
+    return out
+
+
+def load_layer_diagnostics(
+    key: SpectraKey, refs: Sequence[MatrixRef]
+) -> dict[str, dict[str, dict[str, float]]] | None:
+    layer = refs[0].layer
+    names = [f"{r.kind}.{m}" for r in refs for m in SCALED_METHODS]
+    read = _load_diagnostics(
+        diagnostics_path(layer_path(key, layer)), _layer_meta_key(key, layer, refs), names
+    )
+    return (
+        None if read is None else {r.name: {m: read[f"{r.kind}.{m}"] for m in SCALED_METHODS} for r in refs}
+    )
+
+
+def compute_sigmascale_diagnostics(
+    key: SpectraKey, ref: MatrixRef, spectrum: MethodSpectrum
+) -> dict[str, float]:
+    """Diagnostics of the matrix SigmaScale's scaling (learned at `spectrum.rank`) makes, saved."""
+    out = diagnostics(spectrum.sigma, ref.shape).to_dict()
+    path = diagnostics_path(sigmascale_path(key, ref.name, spectrum.rank))
+    _save_diagnostics(path, _sigmascale_meta_key(key, ref, spectrum.rank), {"sigmascale": out})
+    return out
+
+
+def load_sigmascale_diagnostics(key: SpectraKey, ref: MatrixRef, rank: int) -> dict[str, float] | None:
+    path = diagnostics_path(sigmascale_path(key, ref.name, rank))
+    read = _load_diagnostics(path, _sigmascale_meta_key(key, ref, rank), ["sigmascale"])
+    return None if read is None else read["sigmascale"]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -214,6 +214,48 @@ def test_spectra_csv_and_json(tiny_model_dir, tmp_path, capsys):
     assert torch.isfinite(torch.tensor(summary["methods"]["svd"]["effective_rank"]))
 
 
+def test_spectra_diagnostics_of_the_whole_model_as_csv_and_json(
+    tiny_model_dir, tmp_path, capsys, private_cache
+):
+    import csv
+
+    import numpy as np
+
+    from sigmascale_core.diagnostics import FIELDS, diagnostics
+    from sigmascale_core.models import get_module
+
+    args = ["spectra", "--model", str(tiny_model_dir), "--device", "cpu", "--samples", "2", "--seq-len", "32"]
+    args += ["--diagnostics", "--methods", "svd,svdllm"]
+    code, out, err = run([*args, "--out", str(tmp_path / "d.csv")], capsys)
+    assert code == 0, err
+    rows = list(csv.DictReader((tmp_path / "d.csv").open()))
+    assert len(rows) == 2 * 14  # every matrix of the two layers, two methods
+    assert list(rows[0]) == ["matrix", "layer", "kind", "method", *FIELDS, "warning"]
+    # W's row equals a direct call on the weights (an independent SVD)
+    row = next(r for r in rows if r["matrix"] == "model.layers.1.mlp.down_proj" and r["method"] == "svd")
+    W = (
+        get_module(AutoModelForCausalLM.from_pretrained(tiny_model_dir), row["matrix"])
+        .weight.detach()
+        .double()
+    )
+    direct = diagnostics(torch.linalg.svdvals(W).numpy(), tuple(W.shape), W=W.numpy())
+    for field in ("alpha", "stable_rank", "log_norm", "num_spikes", "num_traps", "rand_lambda_max"):
+        assert float(row[field]) == pytest.approx(float(getattr(direct, field)), rel=1e-9), field
+    assert row["warning"] == direct.warning
+    # the same numbers from the cache, as JSON for one layer
+    code, out, err = run([*args, "--layer", "1", "--format", "json"], capsys)
+    assert code == 0, err
+    report = json.loads(out)  # strict JSON: NaN written as null
+    assert len(report["matrices"]) == 2 * 7 and report["averages"]["svdllm"]["matrices"] == 7
+    again = next(r for r in report["matrices"] if r["matrix"] == row["matrix"] and r["method"] == "svd")
+    assert again["alpha"] == float(row["alpha"]) and report["averages"]["svdllm"]["rand_lambda_max"] is None
+    assert np.isfinite(report["averages"]["svd"]["alpha"])
+    code, _, err = run([*args, "--layer", "7"], capsys)
+    assert code == 2 and "2 layers" in err
+    code, _, err = run([*args[:-3], "--layer", "1"], capsys)  # the spectra need a matrix
+    assert code == 2 and "--matrix" in err
+
+
 def test_sequential_compress(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "seq"
     code, stdout, err = run(

@@ -5,13 +5,15 @@ import random
 
 import numpy as np
 import pytest
+import torch
 from tiny import tiny_model
 from transformers import AutoTokenizer
 
 from sigmascale_core import compute, spectra
 from sigmascale_core.bank import reference_rank
 from sigmascale_core.calibration import stats_key
-from sigmascale_core.methods import loss_curve, scaled_spectrum
+from sigmascale_core.diagnostics import FIELDS, diagnostics
+from sigmascale_core.methods import loss_curve, scaled_matrix, scaled_spectrum
 from sigmascale_core.models import bundled_model_dir, get_module, load_model
 from sigmascale_core.pipeline import CalibrationConfig, calibrate
 
@@ -112,6 +114,43 @@ def test_service_numbers_equal_a_direct_recomputation(config, cache):
         assert numbers.loss["calibration"][i] == pytest.approx(curve[numbers.ranks[i]], rel=1e-6)
 
 
+def vector(values: dict) -> np.ndarray:
+    return np.array([float(values[f]) for f in FIELDS])
+
+
+def test_cached_diagnostics_equal_a_direct_call_on_the_scaled_matrix(config, cache):
+    service, snap = run_to_end(config)
+    service.stop()
+    bank = snap.bank
+    assert all(set(bank.diagnostics[n]) == {"svd", "asvd", "svdllm", "sigmascale"} for n in bank.names)
+    loaded = load_model(config.model)
+    cal, _ = calibrate(loaded, config.calibration, use_cache=False)
+    for name in (bank.names[0], bank.names[-1]):
+        ref = bank.refs[bank.index[name]]
+        W = get_module(loaded.model, name).weight.detach()
+        stats = cal[stats_key(ref.layer, ref.group)]
+        W64 = W.to(torch.float64)
+        # W: with the shuffled-W comparison; the scaled matrices from their σ alone
+        expected = {"svd": diagnostics(torch.linalg.svdvals(W64).numpy(), ref.shape, W=W64.numpy())}
+        for method, rank in (
+            ("asvd", None),
+            ("svdllm", None),
+            ("sigmascale", reference_rank(ref.shape, 0.75)),
+        ):
+            Ws = scaled_matrix(W, stats, method, rank=rank)
+            expected[method] = diagnostics(torch.linalg.svdvals(Ws).numpy(), ref.shape)
+        for method, direct in expected.items():
+            cached = bank.diagnostics[name][method]
+            np.testing.assert_allclose(vector(cached), vector(direct.to_dict()), rtol=1e-7, equal_nan=True)
+            assert cached["under_trained"] is direct.under_trained
+        assert np.isfinite(bank.diagnostics[name]["svd"]["rand_lambda_max"])
+        assert bank.diagnostics[name]["svdllm"]["num_traps"] == -1  # no shuffled comparison of W·S
+    alpha = bank.diagnostic("alpha", "svdllm")
+    assert alpha.shape == (len(bank.names),) and np.isfinite(alpha).all()
+    rows = bank.diagnostic_rows(["svd", "sigmascale"])
+    assert len(rows) == 2 * len(bank.names) and {"matrix", "method", "alpha", "warning"} <= set(rows[0])
+
+
 def test_focus_jumps_the_queue_and_nothing_stands_in_for_pending_rows(config, cache):
     service = compute.ComputeService(config)
     service.start()
@@ -132,19 +171,33 @@ def test_a_restart_resumes_from_the_cache_without_recomputing(config, cache):
     first = compute.ComputeService(config).start()
     first.wait_until(lambda s: s.stages["cheap"].done >= 7, timeout=300)  # layer 0's seven matrices
     first.stop()
-    done_before = {(k, t) for k, t in first.computed if k in ("weights", "cheap", "learned")}
+    done_before = {(k, t) for k, t in first.computed if k in ("weights", "cheap", "learned", "diagnostics")}
+    assert ("diagnostics", ("weights", 0)) in done_before and ("diagnostics", ("cheap", 0)) in done_before
     second, snap = run_to_end(config)
     second.stop()
     assert done_before and not done_before & set(second.computed)
     assert snap.bank.ready("svdllm").all()
-    # a third start computes nothing at all; a corrupt file is recomputed, alone
-    path = spectra.layer_path(snap.bank and second.key, 0)
-    raw = bytearray(path.read_bytes())
-    raw[-9] ^= 0x01
-    path.write_bytes(bytes(raw))
-    third, _ = run_to_end(config)
+    # a third start computes nothing at all (the diagnostics come back from the cache too); a corrupt
+    # file is recomputed, alone
+    for path in (
+        spectra.layer_path(second.key, 0),
+        spectra.diagnostics_path(spectra.layer_path(second.key, 1)),
+    ):
+        raw = bytearray(path.read_bytes())
+        raw[-9] ^= 0x01
+        path.write_bytes(bytes(raw))
+    third, snap = run_to_end(config)
     third.stop()
-    assert third.computed == [("cheap", 0)]
+    assert sorted(third.computed) == [("cheap", 0), ("diagnostics", ("cheap", 1))]
+    assert all(len(snap.bank.diagnostics[n]) == 4 for n in snap.bank.names)
+    fourth, snap = run_to_end(config)
+    fourth.stop()
+    assert fourth.computed == []
+    assert snap.bank.diagnostics == third.bank.diagnostics or all(
+        np.allclose(vector(snap.bank.diagnostics[n][m]), vector(third.bank.diagnostics[n][m]), equal_nan=True)
+        for n in snap.bank.names
+        for m in snap.bank.diagnostics[n]
+    )
 
 
 def test_a_second_process_waits_and_reads_what_the_first_computes(config, cache):

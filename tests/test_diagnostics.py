@@ -14,6 +14,7 @@ from sigmascale_core.diagnostics import (
     fit_power_law,
     hard_rank,
     mp_edges,
+    power_law_line,
     rank_loss,
     shuffled_eigenvalues,
     spike_threshold,
@@ -195,3 +196,11 @@ def test_matches_weightwatcher_when_installed():
     np.testing.assert_allclose(d.D, ref.D, rtol=1e-9)
     assert d.stable_rank == pytest.approx(rmt.stable_rank(lam))
     assert d.hard_rank == rmt.matrix_rank(s, max(W.shape))
+
+
+def test_power_law_line_is_the_tail_density_on_the_histograms_scale():
+    lam, density = power_law_line(alpha=3.0, xmin=1.0, n_tail=50, n=100, lam_max=2.0, points=3)
+    # p(λ) = (50/100)·(3 − 1)/1·λ⁻³: 1 at λ = 1, 1/8 at λ = 2
+    np.testing.assert_allclose(lam, [1.0, np.sqrt(2.0), 2.0])
+    np.testing.assert_allclose(density[[0, 2]], [1.0, 0.125])
+    assert power_law_line(np.nan, 1.0, 5, 10, 2.0)[0].size == 0  # no fit, no line

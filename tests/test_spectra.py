@@ -82,6 +82,40 @@ def test_weights_spectra_need_no_statistics(setup, cache):
     assert spectra.load_weights_layer("fp-other", group) is None
 
 
+def test_diagnostics_files_round_trip_and_bad_ones_are_refused(setup, cache):
+    _, stats, heldout, refs, weights, key, _ = setup
+    group = spectra.layers_of(refs)[0]
+    sigmas = spectra.compute_weights_layer("fp-tiny", group, weights)
+    found = spectra.compute_weights_diagnostics("fp-tiny", group, sigmas, weights)
+    assert spectra.load_weights_diagnostics("fp-tiny", group) == found  # NaN-free for W: plain equality
+    assert all(np.isfinite(d["rand_lambda_max"]) and d["num_traps"] >= 0 for d in found.values())
+    assert spectra.load_weights_diagnostics("fp-other", group) is None
+    cheap = spectra.compute_layer(key, group, weights, stats, heldout)
+    by_method = spectra.compute_layer_diagnostics(key, group, cheap)
+    again = spectra.load_layer_diagnostics(key, group)
+    ref = group[2]
+    assert set(again[ref.name]) == set(spectra.SCALED_METHODS)
+    assert again[ref.name]["svdllm"]["alpha"] == by_method[ref.name]["svdllm"]["alpha"]
+    assert again[ref.name]["svdllm"]["num_traps"] == -1 and np.isnan(
+        again[ref.name]["svdllm"]["rand_softrank"]
+    )
+    # the diagnostics sit beside the spectra under the same name, where `learned_files` does not look
+    path = spectra.diagnostics_path(spectra.layer_path(key, 0))
+    assert path.name == spectra.layer_path(key, 0).name and path.parent == spectra.diagnostics_dir()
+    raw = bytearray(path.read_bytes())
+    raw[-5] ^= 0x02
+    path.write_bytes(bytes(raw))
+    assert spectra.load_layer_diagnostics(key, group) is None
+    learned = spectra.learn_sigmascale(
+        key, ref, weights[ref.name], stats[stats_key(0, ref.group)], heldout[stats_key(0, ref.group)], 8
+    )
+    values = spectra.compute_sigmascale_diagnostics(key, ref, learned)
+    assert spectra.load_sigmascale_diagnostics(key, ref, 8)["alpha"] == values["alpha"]
+    assert spectra.load_sigmascale_diagnostics(key, ref, 9) is None
+    assert spectra.learned_files(key) == {spectra.slug(ref.name): [8]}
+    assert spectra.learned_files(key, spectra.diagnostics_dir()) == {spectra.slug(ref.name): [8]}
+
+
 def test_cached_spectra_and_curves_equal_the_engine(setup, cache):
     _, stats, heldout, refs, weights, _, _ = setup
     bank = build_bank(setup)
