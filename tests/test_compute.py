@@ -169,7 +169,8 @@ def test_focus_jumps_the_queue_and_nothing_stands_in_for_pending_rows(config, ca
 
 def test_a_restart_resumes_from_the_cache_without_recomputing(config, cache):
     first = compute.ComputeService(config).start()
-    first.wait_until(lambda s: s.stages["cheap"].done >= 7, timeout=300)  # layer 0's seven matrices
+    # layer 0's seven matrices and their diagnostics (a task of its own, right after)
+    first.wait_until(lambda s: ("diagnostics", ("cheap", 0)) in first.computed, timeout=300)
     first.stop()
     done_before = {(k, t) for k, t in first.computed if k in ("weights", "cheap", "learned", "diagnostics")}
     assert ("diagnostics", ("weights", 0)) in done_before and ("diagnostics", ("cheap", 0)) in done_before
