@@ -185,22 +185,13 @@ def _pending() -> bool:
 
 
 @st.fragment(run_every=2.0 if _pending() else None)
-def live() -> None:
+def totals() -> None:
+    """The plan's totals, refreshed on their own while curves are still coming: a fragment of their own,
+    holding no widget, so the timer never redraws the table or the sliders under the user's hand."""
     if _pending() == _drawn_complete:  # the last curves landed, or another method was chosen: one full
         st.rerun()  # rerun starts or stops the timer
-    # the table's edits first, so everything drawn below (Undo included) reflects them
-    unit = st.session_state.get("unit", "retention")
-    _apply_edits(unit, f"editor_{state['version']}_{unit}")
-    controls()
-    if message := st.session_state.pop("preset_error", None):
-        st.error(f"Cannot allocate: {message}")
-    unit = st.radio("Edit as", ["retention", "rank"], horizontal=True, key="unit")
-    for message in st.session_state.pop("edit_errors", []):
-        st.error(f"Edit ignored — {message}")
     plan = state["plan"]
-    ranks = _plan_ranks()
-    numbers = bank.evaluate(ranks, plan.method)
-
+    numbers = bank.evaluate(_plan_ranks(), plan.method)
     cols = st.columns(6)
     cols[0].metric(
         "Params kept",
@@ -232,6 +223,24 @@ def live() -> None:
         f"{int(numbers.dense.sum())} dense; allocation: {plan.allocation}. Relative loss "
         f"‖(W−W′)X‖²/‖WX‖² per matrix from the cached loss curves, nothing recomputed.{note}"
     )
+
+
+@st.fragment
+def live() -> None:
+    # the table's edits first, so everything drawn below (Undo included) reflects them
+    unit = st.session_state.get("unit", "retention")
+    _apply_edits(unit, f"editor_{state['version']}_{unit}")
+    controls()
+    if message := st.session_state.pop("preset_error", None):
+        st.error(f"Cannot allocate: {message}")
+    unit = st.radio("Edit as", ["retention", "rank"], horizontal=True, key="unit")
+    for message in st.session_state.pop("edit_errors", []):
+        st.error(f"Edit ignored — {message}")
+    plan = state["plan"]
+    ranks = _plan_ranks()
+    numbers = bank.evaluate(ranks, plan.method)
+
+    totals()
 
     values = numbers.retention if unit == "retention" else numbers.ranks.astype(float)
     _, _, grid = bank.grid(values)
