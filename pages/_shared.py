@@ -218,7 +218,7 @@ def _probe_runs(cfg: AppConfig):
 def probe_table(cfg: AppConfig):
     """The sensitivity table of the newest finished probe run for the loaded model, else None."""
     from sigmascale_core import jobs
-    from sigmascale_core.probing import SensitivityTable
+    from sigmascale_core.sensitivity import SensitivityTable
 
     snap = service(cfg).snapshot()
     if snap.loaded is None:

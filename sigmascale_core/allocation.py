@@ -41,7 +41,7 @@ import torch
 
 from sigmascale_core.metrics import check_retention
 from sigmascale_core.plan import CompressionPlan, MatrixPlan
-from sigmascale_core.probing import SensitivityTable
+from sigmascale_core.sensitivity import SensitivityTable
 
 STRATEGIES = ("sensitivity", "greedy")
 

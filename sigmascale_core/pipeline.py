@@ -23,12 +23,7 @@ from sigmascale_core.methods import METHODS, LowRankFactors, check_options
 from sigmascale_core.models import LoadedModel, load_model, target_matrices, tokenizer_fingerprint
 from sigmascale_core.perplexity import perplexity
 from sigmascale_core.plan import CompressionPlan
-from sigmascale_core.probing import (
-    NESTED_METHODS,
-    ProbeConfig,
-    calibration_side_batch,
-    probe,
-)
+from sigmascale_core.probing import NESTED_METHODS, ProbeConfig, probe
 from sigmascale_core.progress import EventSink, Progress, tracked
 from sigmascale_core.stats import ActivationStats
 from sigmascale_core.surgery import (
@@ -42,6 +37,7 @@ from sigmascale_core.text import (
     DEFAULT_CALIBRATION_TEXT,
     DEFAULT_EVALUATION_TEXTS,
     calibration_batch,
+    calibration_side_batch,
     check_disjoint,
     documents,
     evaluation_tokens,

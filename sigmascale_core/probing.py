@@ -33,7 +33,6 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -41,8 +40,7 @@ from torch import nn
 
 from sigmascale_core.artifacts import cache_root, write_json_atomic
 from sigmascale_core.calibration import stats_key
-from sigmascale_core.methods import METHODS, check_options, decompose, loss_curve
-from sigmascale_core.metrics import check_retention, rank_for_retention
+from sigmascale_core.methods import check_options, decompose, loss_curve
 from sigmascale_core.models import (
     FAMILIES,
     LoadedModel,
@@ -56,180 +54,19 @@ from sigmascale_core.models import (
     tokenizer_fingerprint,
 )
 from sigmascale_core.progress import Progress
+from sigmascale_core.sensitivity import TABLE_VERSION, SensitivityTable, check_grid, probe_ranks
 from sigmascale_core.stats import ActivationStats
 from sigmascale_core.text import (
     DEFAULT_CALIBRATION_TEXT,
     DEFAULT_EVALUATION_TEXTS,
-    calibration_batch,
-    check_disjoint,
+    calibration_side_batch,
+    shared_token_fraction,
     token_stream,
-    window_starts,
 )
 
-TABLE_VERSION = 1
-METRICS = ("perplexity", "relative_loss")
 DEFAULT_RETENTIONS: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 PROXY_RETENTIONS: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 20))  # 0.05 … 0.95
-# The default texts, defined once here (pipeline, CLI and bench import them): calibration and probing
-# read the calibration half of BoolQ; evaluation is the other half and LAMBADA.
 NESTED_METHODS = ("svd", "asvd", "svdllm")  # scaling independent of the rank: rank-k factors nest
-
-
-# ---------------------------------------------------------------------------------------------------
-# The table
-
-
-@dataclass(frozen=True)
-class SensitivityTable:
-    """Per matrix: the metric measured with only that matrix truncated, at each probed rank."""
-
-    metric: str  # "perplexity" (probe_sensitivity) or "relative_loss" (proxy_sensitivity)
-    dense: float  # the metric of the untouched model: its probing perplexity, 0.0 for the proxy
-    retentions: tuple[float, ...]  # the retention grid asked for
-    shapes: dict[str, tuple[int, int]]  # matrix name -> (m, n) = (out, in)
-    ranks: dict[str, tuple[int, ...]]  # matrix name -> probed ranks, ascending, all below break-even
-    values: dict[str, tuple[float, ...]]  # matrix name -> the metric at each of those ranks
-    method: str  # the decomposition that truncated the matrices (one of METHODS)
-    options: dict[str, object]  # its options
-    model_fingerprint: str  # model_fingerprint() of the model probed
-    info: dict[str, Any] = field(default_factory=dict)  # how it was made: text, tokens, seconds, ...
-    version: int = TABLE_VERSION
-
-    def __post_init__(self) -> None:
-        if self.metric not in METRICS:
-            raise ValueError(f"unknown metric {self.metric!r}; choose one of {METRICS}")
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
-        if not (math.isfinite(self.dense) and self.dense >= 0) or (
-            self.metric == "perplexity" and self.dense <= 0
-        ):
-            raise ValueError(f"dense {self.metric} must be finite and positive, got {self.dense!r}")
-        for r in self.retentions:
-            check_retention(r)
-        if set(self.ranks) != set(self.shapes) or set(self.values) != set(self.shapes):
-            raise ValueError("shapes, ranks and values must name the same matrices")
-        for name, (m, n) in self.shapes.items():
-            ranks, values = self.ranks[name], self.values[name]
-            if len(ranks) != len(values):
-                raise ValueError(f"{name}: {len(ranks)} ranks but {len(values)} values")
-            if list(ranks) != sorted(set(ranks)) or any(not 1 <= k < m * n / (m + n) for k in ranks):
-                raise ValueError(f"{name}: ranks must ascend, without repeats, in [1, break-even): {ranks}")
-            if not all(math.isfinite(v) and v >= 0 for v in values):
-                raise ValueError(f"{name}: values must be finite and non-negative")
-
-    def damage(self, name: str) -> tuple[tuple[int, ...], tuple[float, ...]]:
-        """(ranks, damage) of one matrix; damage is additive over matrices to first order:
-        perplexity -> log(ppl / dense ppl), the rise in mean NLL per token (nats); relative_loss -> as is."""
-        values = self.values[name]
-        if self.metric == "perplexity":
-            return self.ranks[name], tuple(math.log(v / self.dense) for v in values)
-        return self.ranks[name], tuple(values)
-
-    # -- JSON ---------------------------------------------------------------------------------------
-    def to_dict(self) -> dict:
-        return {
-            "version": self.version,
-            "metric": self.metric,
-            "dense": self.dense,
-            "retentions": list(self.retentions),
-            "method": self.method,
-            "options": self.options,
-            "model_fingerprint": self.model_fingerprint,
-            "info": self.info,
-            "matrices": {
-                name: {
-                    "shape": list(shape),
-                    "ranks": list(self.ranks[name]),
-                    "values": list(self.values[name]),
-                }
-                for name, shape in self.shapes.items()
-            },
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict) -> SensitivityTable:
-        if not isinstance(data, dict) or data.get("version") != TABLE_VERSION:
-            version = data.get("version") if isinstance(data, dict) else None
-            raise ValueError(f"sensitivity table version {version!r} is not {TABLE_VERSION}")
-        try:
-            matrices = data["matrices"]
-            return cls(
-                metric=data["metric"],
-                dense=float(data["dense"]),
-                retentions=tuple(float(r) for r in data["retentions"]),
-                shapes={k: (int(v["shape"][0]), int(v["shape"][1])) for k, v in matrices.items()},
-                ranks={k: tuple(int(r) for r in v["ranks"]) for k, v in matrices.items()},
-                values={k: tuple(float(x) for x in v["values"]) for k, v in matrices.items()},
-                method=data["method"],
-                options=dict(data.get("options") or {}),
-                model_fingerprint=str(data["model_fingerprint"]),
-                info=dict(data.get("info") or {}),
-            )
-        except (KeyError, TypeError, IndexError, AttributeError) as err:
-            raise ValueError(f"malformed sensitivity table ({type(err).__name__}: {err})") from err
-
-    def save(self, path: str | Path) -> None:
-        write_json_atomic(self.to_dict(), path)
-
-    @classmethod
-    def load(cls, path: str | Path) -> SensitivityTable:
-        try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
-        except FileNotFoundError:
-            raise ValueError(f"no sensitivity table at {path}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{path} is not valid JSON: {err}") from err
-
-
-def probe_ranks(shape: tuple[int, int], retentions: Sequence[float]) -> tuple[int, ...]:
-    """The distinct ranks max(1, ⌊r·mn/(m+n)⌋) of a retention grid, ascending, below break-even only
-    (a rank at break-even would stay dense, so probing it says nothing)."""
-    m, n = shape
-    ranks = {max(1, rank_for_retention(m, n, r)) for r in retentions}
-    return tuple(sorted(k for k in ranks if k * (m + n) < m * n))
-
-
-def _check_grid(retentions: Sequence[float]) -> tuple[float, ...]:
-    grid = tuple(float(r) for r in retentions)
-    if not grid:
-        raise ValueError("the retention grid is empty")
-    for r in grid:
-        check_retention(r)
-    return tuple(sorted(set(grid)))
-
-
-# ---------------------------------------------------------------------------------------------------
-# Probing text
-
-
-def calibration_side_batch(
-    tokenizer: Any,
-    family: str,
-    spec: str,
-    n_samples: int,
-    seq_len: int,
-    seed: int,
-    evaluation: Sequence[str] = DEFAULT_EVALUATION_TEXTS,
-    role: str = "probing",
-) -> torch.Tensor:
-    """(n_samples, seq_len) seeded windows of `spec`, after checking that it shares no document with
-    any `evaluation` text (ValueError otherwise): probing and fine-tuning text stays calibration-side."""
-    if not evaluation:
-        raise ValueError(f"{role} text needs the evaluation texts to check against; none were given")
-    for other in evaluation:
-        check_disjoint(evaluation=other, **{role: spec})
-    return calibration_batch(tokenizer, family, spec, n_samples, seq_len, seed)
-
-
-def shared_token_fraction(n_tokens: int, a: tuple[int, int, int], b: tuple[int, int, int]) -> float:
-    """Fraction of the tokens of window set `a` = (n_samples, seq_len, seed) of a stream of n_tokens
-    that also lie in window set `b` (the same stream), as text.window_starts draws them."""
-    covered = torch.zeros(n_tokens, dtype=torch.bool)
-    for start in window_starts(n_tokens, *b).tolist():
-        covered[start : start + b[1]] = True
-    starts = window_starts(n_tokens, *a)
-    hits = sum(int(covered[s : s + a[1]].sum()) for s in starts.tolist())
-    return hits / (a[0] * a[1])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -377,7 +214,7 @@ def probe_sensitivity(
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     options = check_options(method, options)
-    grid = _check_grid(retentions)
+    grid = check_grid(retentions)
     refs = _select(model, matrices)
     known = dict(known or {})
     started = time.perf_counter()
@@ -453,7 +290,7 @@ def proxy_sensitivity(
     scaling is learned per rank, one per probed rank). No forward pass; every matrix weighs the same,
     so it ranks ranks within a matrix well and matrices against each other only roughly."""
     options = check_options(method, options)
-    grid = _check_grid(retentions)
+    grid = check_grid(retentions)
     refs = _select(model, matrices)
     started = time.perf_counter()
     ranks_of: dict[str, tuple[int, ...]] = {}
@@ -547,7 +384,7 @@ def probe(
     probing tokens they share. Returns (table, info), info saying where it came from and what it cost.
     """
     options = check_options(config.method, config.options)
-    grid = _check_grid(config.retentions)
+    grid = check_grid(config.retentions)
     key: dict[str, object] = {
         "format": TABLE_VERSION,
         "model": loaded.fingerprint,

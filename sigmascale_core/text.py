@@ -26,6 +26,7 @@ import itertools
 import json
 import re
 import unicodedata
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -295,3 +296,37 @@ def calibration_batch(
 def evaluation_tokens(tokenizer: Any, family: str, spec: str) -> torch.Tensor:
     """The spec's whole text as a 1-D LongTensor, for perplexity over non-overlapping windows."""
     return token_stream(tokenizer, family, spec)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Calibration-side text for probing and fine-tuning
+
+
+def calibration_side_batch(
+    tokenizer: Any,
+    family: str,
+    spec: str,
+    n_samples: int,
+    seq_len: int,
+    seed: int,
+    evaluation: Sequence[str] = DEFAULT_EVALUATION_TEXTS,
+    role: str = "probing",
+) -> torch.Tensor:
+    """(n_samples, seq_len) seeded windows of `spec`, after checking that it shares no document with
+    any `evaluation` text (ValueError otherwise): probing and fine-tuning text stays calibration-side."""
+    if not evaluation:
+        raise ValueError(f"{role} text needs the evaluation texts to check against; none were given")
+    for other in evaluation:
+        check_disjoint(evaluation=other, **{role: spec})
+    return calibration_batch(tokenizer, family, spec, n_samples, seq_len, seed)
+
+
+def shared_token_fraction(n_tokens: int, a: tuple[int, int, int], b: tuple[int, int, int]) -> float:
+    """Fraction of the tokens of window set `a` = (n_samples, seq_len, seed) of a stream of n_tokens
+    that also lie in window set `b` (the same stream), as text.window_starts draws them."""
+    covered = torch.zeros(n_tokens, dtype=torch.bool)
+    for start in window_starts(n_tokens, *b).tolist():
+        covered[start : start + b[1]] = True
+    starts = window_starts(n_tokens, *a)
+    hits = sum(int(covered[s : s + a[1]].sum()) for s in starts.tolist())
+    return hits / (a[0] * a[1])

@@ -24,7 +24,7 @@ from sigmascale_core.allocation import (
     total_params,
 )
 from sigmascale_core.plan import CompressionPlan, MatrixPlan
-from sigmascale_core.probing import SensitivityTable, probe_ranks
+from sigmascale_core.sensitivity import SensitivityTable, probe_ranks
 
 GRID = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 SHAPES = [(64, 64), (32, 64), (96, 64), (64, 96), (48, 80), (17, 33)]

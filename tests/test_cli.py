@@ -300,7 +300,7 @@ def test_allocated_compress_meets_the_budget_and_beats_uniform_on_the_probe(
     tiny_model_dir, tmp_path, capsys, private_cache
 ):
     from sigmascale_core.allocation import damage_curves, predicted_damage
-    from sigmascale_core.probing import SensitivityTable
+    from sigmascale_core.sensitivity import SensitivityTable
 
     table_path = tmp_path / "table.json"
     code, stdout, err = run(

@@ -21,18 +21,16 @@ from sigmascale_core.metrics import activation_loss
 from sigmascale_core.models import LoadedModel, get_module, model_fingerprint
 from sigmascale_core.perplexity import perplexity
 from sigmascale_core.plan import CompressionPlan
-from sigmascale_core.probing import (
-    ProbeConfig,
-    SensitivityTable,
-    calibration_side_batch,
-    probe,
-    probe_ranks,
-    probe_sensitivity,
-    proxy_sensitivity,
-    shared_token_fraction,
-)
+from sigmascale_core.probing import ProbeConfig, probe, probe_sensitivity, proxy_sensitivity
+from sigmascale_core.sensitivity import SensitivityTable, probe_ranks
 from sigmascale_core.surgery import compress, target_shapes
-from sigmascale_core.text import calibration_batch, token_stream, window_starts
+from sigmascale_core.text import (
+    calibration_batch,
+    calibration_side_batch,
+    shared_token_fraction,
+    token_stream,
+    window_starts,
+)
 
 MATRICES = ("model.layers.0.mlp.down_proj", "model.layers.1.self_attn.k_proj")
 GRID = (0.25, 0.6)
