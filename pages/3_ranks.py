@@ -74,9 +74,12 @@ def _layer_retention(layer: int, after: np.ndarray) -> float:
     return round(min(max(float(after[rows].sum() / bank.params_before[rows].sum()), 0.01), 1.0), 2)
 
 
-def _layer_slider(layer: int, key: str) -> None:
-    """Sets every matrix of the layer to the slider's retention. The browser can report a freshly drawn
-    slider's own value back as a change (after a table edit); that is no edit and changes nothing."""
+def _layer_slider(layer: int, key: str, version: int) -> None:
+    """Sets every matrix of the layer to the slider's retention. The browser reports values of sliders
+    it drew for an older plan (a collapsed expander's sliders keep their old value) and a fresh slider's
+    own drawn value: neither is a move by the user, and neither changes anything."""
+    if version != state["version"]:  # drawn before the plan last changed: a stale report
+        return
     value = float(st.session_state[key])
     ranks = _plan_ranks()
     if abs(value - _layer_retention(layer, bank.ranks_after(ranks))) < 0.005:
@@ -267,12 +270,16 @@ def live() -> None:
         per_layer = st.columns(3)
         after = bank.ranks_after(ranks)
         for j, layer in enumerate(layers):
-            # one widget per layer for the page's life, its value set from the plan: a slider re-created
-            # under a new key can be reported back by the browser as a move it never made
-            key = f"layer_{layer}"
-            st.session_state[key] = _layer_retention(layer, after)
+            key = f"layer_{state['version']}_{layer}"  # a fresh slider for each version of the plan
             per_layer[j % 3].slider(
-                f"layer {layer}", 0.01, 1.0, step=0.01, key=key, on_change=_layer_slider, args=(layer, key)
+                f"layer {layer}",
+                0.01,
+                1.0,
+                _layer_retention(layer, after),
+                0.01,
+                key=key,
+                on_change=_layer_slider,
+                args=(layer, key, state["version"]),
             )
 
     chart_data = pd.DataFrame(

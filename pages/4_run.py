@@ -113,15 +113,8 @@ if go or baseline:
         from sigmascale_core.pipeline import check_texts
 
         check_texts(cfg.text, texts)
-        spec = jobs.RunSpec(
-            kind="dense" if baseline else "compress",
-            model=cfg.model,
-            device=cfg.device,
-            dtype=cfg.dtype,
-            text=cfg.text,
-            samples=cfg.samples,
-            seq_len=cfg.seq_len,
-            seed=cfg.seed,
+        spec = cfg.run_spec(
+            "dense" if baseline else "compress",
             evaluation=tuple(texts),
             max_eval_tokens=int(max_tokens),
             tasks=tuple(tasks),

@@ -48,6 +48,13 @@ class AppConfig:
 
         return CalibrationConfig(self.text, self.samples, self.seq_len, self.seed)
 
+    def run_spec(self, kind: str, **fields):
+        """A background run (jobs.RunSpec) of this model and calibration; `fields` set the rest."""
+        from sigmascale_core.jobs import RunSpec
+
+        common = ("model", "device", "dtype", "text", "samples", "seq_len", "seed")
+        return RunSpec(kind=kind, **{name: getattr(self, name) for name in common}, **fields)
+
     def heldout(self):
         from sigmascale_core.pipeline import CalibrationConfig
 
@@ -249,19 +256,8 @@ def start_probe(cfg: AppConfig):
     """Start the perplexity probe as a background run (a process of its own: hours on a CPU)."""
     from sigmascale_core import jobs
 
-    spec = jobs.RunSpec(
-        kind="probe",
-        model=cfg.model,
-        device=cfg.device,
-        dtype=cfg.dtype,
-        text=cfg.text,
-        samples=cfg.samples,
-        seq_len=cfg.seq_len,
-        seed=cfg.seed,
-        evaluation=tuple(dict.fromkeys((*cfg.evaluation, cfg.heldout_text))),
-        label="perplexity probe",
-    )
-    return jobs.start_run(spec)
+    evaluation = tuple(dict.fromkeys((*cfg.evaluation, cfg.heldout_text)))
+    return jobs.start_run(cfg.run_spec("probe", evaluation=evaluation, label="perplexity probe"))
 
 
 @st.cache_resource(max_entries=32, show_spinner=False)

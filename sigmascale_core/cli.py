@@ -613,9 +613,11 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     _calibration_args(p)
     p.add_argument("--layer", type=int, help="decoder layer index (--diagnostics: default every layer)")
+    from sigmascale_core.models import MATRIX_KINDS
+
     p.add_argument(
         "--matrix",
-        choices=("q", "k", "v", "o", "gate", "up", "down"),
+        choices=MATRIX_KINDS,
         help="matrix kind (--diagnostics: default every kind)",
     )
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods")

@@ -5,73 +5,29 @@ tiny Llama (with the bundled tokenizer) and small file: texts; one slow test use
 """
 
 import json
-import random
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
-from tiny import tiny_model
-from transformers import AutoTokenizer
+from tiny import save_tiny_model, write_text
 
 from sigmascale_core import jobs
 from sigmascale_core.metrics import rank_for_retention
-from sigmascale_core.models import bundled_model_dir, model_fingerprint
+from sigmascale_core.models import model_fingerprint
 from sigmascale_core.plan import CompressionPlan
 from sigmascale_core.surgery import target_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = str(ROOT / "app.py")
-WORDS = [
-    "the",
-    "of",
-    "and",
-    "a",
-    "to",
-    "in",
-    "is",
-    "was",
-    "he",
-    "for",
-    "it",
-    "with",
-    "as",
-    "his",
-    "on",
-    "be",
-    "at",
-    "by",
-    "this",
-    "had",
-    "not",
-    "are",
-    "but",
-    "from",
-    "or",
-    "have",
-    "an",
-    "they",
-]
 TIMEOUT = 120
-
-
-def write_text(path: Path, seed: int) -> str:
-    rng = random.Random(seed)
-    path.write_text(
-        "\n\n".join(f"{path.stem} {i}. " + " ".join(rng.choices(WORDS, k=100)) for i in range(40))
-    )
-    return f"file:{path}"
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("app")
-    tokenizer = AutoTokenizer.from_pretrained(bundled_model_dir())
-    model = tiny_model("llama")
-    model.resize_token_embeddings(len(tokenizer))
-    model.save_pretrained(root / "tiny")
-    tokenizer.save_pretrained(root / "tiny")
+    model = save_tiny_model(root / "tiny")
     defaults = {
         "model": str(root / "tiny"),
         "device": "cpu",
@@ -290,7 +246,7 @@ def test_a_layer_slider_reporting_its_drawn_value_changes_nothing(app, tiny):
     edit(app, {0: {"q": 0.2}})
     plan = app.session_state["plan"]
     ranks, history = ranks_of(app), len(plan["history"])
-    slider = app.slider(key="layer_0")
+    slider = app.slider(key=f"layer_{app.session_state['plan']['version']}_0")
     drawn = slider.value
     shapes = list(tiny["shapes"])
     layer = [i for i, name in enumerate(shapes) if name.startswith("model.layers.0.")]
@@ -299,7 +255,9 @@ def test_a_layer_slider_reporting_its_drawn_value_changes_nothing(app, tiny):
     assert not app.exception
     plan = app.session_state["plan"]
     assert np.array_equal(ranks_of(app), ranks) and len(plan["history"]) == history
-    app.slider(key="layer_0").set_value(round(drawn - 0.1, 2)).run()  # a real move
+    app.slider(key=f"layer_{app.session_state['plan']['version']}_0").set_value(
+        round(drawn - 0.1, 2)
+    ).run()  # a real move
     assert ranks_of(app)[layer].sum() < ranks[layer].sum()
 
 

@@ -2,53 +2,15 @@
 scaled comparison, the every-matrix table with its averages, and the heatmap coloured by a diagnostic."""
 
 import json
-import random
 from pathlib import Path
 
 import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
-from tiny import tiny_model
-from transformers import AutoTokenizer
-
-from sigmascale_core.models import bundled_model_dir
+from tiny import save_tiny_model, write_text
 
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = [
-    "the",
-    "of",
-    "and",
-    "a",
-    "to",
-    "in",
-    "is",
-    "was",
-    "he",
-    "for",
-    "it",
-    "with",
-    "as",
-    "his",
-    "on",
-    "be",
-    "at",
-    "by",
-    "this",
-    "had",
-    "not",
-    "are",
-    "but",
-    "from",
-]
 TIMEOUT = 180
-
-
-def write_text(path: Path, seed: int) -> str:
-    rng = random.Random(seed)
-    path.write_text(
-        "\n\n".join(f"{path.stem} {i}. " + " ".join(rng.choices(WORDS, k=100)) for i in range(40))
-    )
-    return f"file:{path}"
 
 
 @pytest.fixture
@@ -56,11 +18,7 @@ def app(tmp_path, monkeypatch):
     """app.py on a tiny Llama (bundled tokenizer) with small file: texts and its own cache."""
     import streamlit as st
 
-    tokenizer = AutoTokenizer.from_pretrained(bundled_model_dir())
-    model = tiny_model("llama")
-    model.resize_token_embeddings(len(tokenizer))
-    model.save_pretrained(tmp_path / "tiny")
-    tokenizer.save_pretrained(tmp_path / "tiny")
+    save_tiny_model(tmp_path / "tiny")
     defaults = {
         "model": str(tmp_path / "tiny"),
         "device": "cpu",

@@ -1,66 +1,24 @@
 """compute.py: the background service fills the bank in priority order, resumes from the cache, and its
 numbers equal a direct recomputation (pipeline.calibrate + methods.loss_curve)."""
 
-import random
-
 import numpy as np
 import pytest
 import torch
-from tiny import tiny_model
-from transformers import AutoTokenizer
+from tiny import save_tiny_model, write_text
 
 from sigmascale_core import compute, spectra
 from sigmascale_core.bank import reference_rank
 from sigmascale_core.calibration import stats_key
 from sigmascale_core.diagnostics import FIELDS, diagnostics
 from sigmascale_core.methods import loss_curve, scaled_matrix, scaled_spectrum
-from sigmascale_core.models import bundled_model_dir, get_module, load_model
+from sigmascale_core.models import get_module, load_model
 from sigmascale_core.pipeline import CalibrationConfig, calibrate
-
-WORDS = [
-    "the",
-    "of",
-    "and",
-    "a",
-    "to",
-    "in",
-    "is",
-    "was",
-    "he",
-    "for",
-    "it",
-    "with",
-    "as",
-    "his",
-    "on",
-    "be",
-    "at",
-    "by",
-    "this",
-    "had",
-    "not",
-    "are",
-    "but",
-    "from",
-]
-
-
-def write_text(path, seed):
-    rng = random.Random(seed)
-    path.write_text(
-        "\n\n".join(f"{path.stem} {i}. " + " ".join(rng.choices(WORDS, k=100)) for i in range(40))
-    )
-    return f"file:{path}"
 
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory):
     root = tmp_path_factory.mktemp("compute")
-    tokenizer = AutoTokenizer.from_pretrained(bundled_model_dir())
-    model = tiny_model("llama")
-    model.resize_token_embeddings(len(tokenizer))
-    model.save_pretrained(root / "tiny")
-    tokenizer.save_pretrained(root / "tiny")
+    save_tiny_model(root / "tiny")
     return compute.ServiceConfig(
         model=str(root / "tiny"),
         calibration=CalibrationConfig(write_text(root / "cal.txt", 1), samples=4, seq_len=32),

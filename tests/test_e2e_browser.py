@@ -12,7 +12,6 @@ cache and runs folders, on a free localhost port.
 
 import json
 import os
-import random
 import shutil
 import socket
 import subprocess
@@ -34,36 +33,6 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-WORDS = [
-    "the",
-    "of",
-    "and",
-    "a",
-    "to",
-    "in",
-    "is",
-    "was",
-    "he",
-    "for",
-    "it",
-    "with",
-    "as",
-    "his",
-    "on",
-    "be",
-    "at",
-    "by",
-    "this",
-    "had",
-    "not",
-    "are",
-    "but",
-    "from",
-    "or",
-    "have",
-    "an",
-    "they",
-]
 
 try:
     from playwright.sync_api import expect, sync_playwright
@@ -82,14 +51,6 @@ pytestmark = [
 ]
 
 
-def write_text(path: Path, seed: int) -> str:
-    rng = random.Random(seed)
-    path.write_text(
-        "\n\n".join(f"{path.stem} {i}. " + " ".join(rng.choices(WORDS, k=100)) for i in range(40))
-    )
-    return f"file:{path}"
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -99,20 +60,14 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """`streamlit run app.py` on a free localhost port, healthy; yields its base URL."""
-    from tiny import tiny_model
-    from transformers import AutoTokenizer
+    from tiny import save_tiny_model, write_text
 
     from sigmascale_core.metrics import rank_for_retention
-    from sigmascale_core.models import bundled_model_dir
     from sigmascale_core.plan import CompressionPlan
     from sigmascale_core.surgery import target_shapes
 
     root = tmp_path_factory.mktemp("e2e")
-    tokenizer = AutoTokenizer.from_pretrained(bundled_model_dir())
-    model = tiny_model("llama")
-    model.resize_token_embeddings(len(tokenizer))
-    model.save_pretrained(root / "tiny")
-    tokenizer.save_pretrained(root / "tiny")
+    model = save_tiny_model(root / "tiny")
     defaults = {
         "model": str(root / "tiny"),
         "device": "cpu",

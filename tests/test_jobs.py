@@ -8,65 +8,19 @@ import time
 from pathlib import Path
 
 import pytest
-from tiny import tiny_model
-from transformers import AutoTokenizer
+from tiny import save_tiny_model, write_text
 
 from sigmascale_core import jobs
-from sigmascale_core.models import bundled_model_dir, model_fingerprint
+from sigmascale_core.models import model_fingerprint
 from sigmascale_core.plan import CompressionPlan
 from sigmascale_core.surgery import is_compressed_dir, target_shapes
-
-WORDS = [
-    "the",
-    "of",
-    "and",
-    "a",
-    "to",
-    "in",
-    "is",
-    "was",
-    "he",
-    "for",
-    "it",
-    "with",
-    "as",
-    "his",
-    "on",
-    "be",
-    "at",
-    "by",
-    "this",
-    "had",
-    "not",
-    "are",
-    "but",
-    "from",
-    "or",
-    "have",
-    "an",
-    "they",
-]
-
-
-def write_text(path: Path, seed: int, docs: int = 40) -> str:
-    import random
-
-    rng = random.Random(seed)
-    path.write_text(
-        "\n\n".join(f"{path.stem} {i}. " + " ".join(rng.choices(WORDS, k=100)) for i in range(docs))
-    )
-    return f"file:{path}"
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny random Llama with the bundled tokenizer, two disjoint texts, and a plan for it."""
     root = tmp_path_factory.mktemp("jobs")
-    tokenizer = AutoTokenizer.from_pretrained(bundled_model_dir())
-    model = tiny_model("llama")
-    model.resize_token_embeddings(len(tokenizer))
-    model.save_pretrained(root / "tiny")
-    tokenizer.save_pretrained(root / "tiny")
+    model = save_tiny_model(root / "tiny")
     plan = CompressionPlan.uniform(target_shapes(model), 0.5, "svd", model_fingerprint(model))
     return {
         "model": str(root / "tiny"),
