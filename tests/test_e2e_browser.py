@@ -179,7 +179,7 @@ def test_every_page_then_an_edit_then_a_run(server, page):
 
     nav(page, "Spectra")  # fills in by itself as the service finishes: no button
     page.get_by_text("Overview: layers × matrices").wait_for(timeout=180_000)
-    expect(page.locator(".vega-embed")).to_have_count(5, timeout=180_000)
+    expect(page.locator(".vega-embed")).to_have_count(6, timeout=180_000)  # heatmap, σ, energy, ESD, 2 curves
     expect(page.get_by_text("learned (SigmaScale)").first).to_be_visible(timeout=180_000)
     shot(page, "2_spectra")
     second.close()
