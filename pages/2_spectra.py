@@ -250,7 +250,11 @@ else:
 
 st.markdown("**Shape of each spectrum** (lower effective rank = steeper = cheaper to truncate)")
 st.dataframe(
-    pd.DataFrame(summary).set_index("spectrum").style.format("{:.4g}", na_rep="pending"), width="stretch"
+    pd.DataFrame(summary).set_index("spectrum"),
+    column_config={
+        c: st.column_config.NumberColumn(format="%.4g") for row in summary for c in row if c != "spectrum"
+    },
+    width="stretch",
 )
 
 # -- loss vs rank -----------------------------------------------------------------------------------------
