@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 from dataclasses import dataclass, field, replace
 
 import streamlit as st
@@ -112,18 +111,9 @@ def service(cfg: AppConfig | None = None):
     return _service(service_config(cfg or config()))
 
 
-STAGE_UNITS = {
-    "model": "",
-    "weights": "layers",
-    "calibration": "layers",
-    "cheap": "matrices",
-    "learned": "matrices",
-}
-
-
 def progress_lines(snap) -> list[tuple[str, float, str]]:
     """(stage, fraction, text) for each stage of the service, as the status panel shows them."""
-    from sigmascale_core.compute import STAGE_LABELS
+    from sigmascale_core.compute import STAGE_LABELS, STAGE_UNITS
     from sigmascale_core.progress import format_seconds
 
     lines = []
@@ -258,12 +248,6 @@ def start_probe(cfg: AppConfig):
 
     evaluation = tuple(dict.fromkeys((*cfg.evaluation, cfg.heldout_text)))
     return jobs.start_run(cfg.run_spec("probe", evaluation=evaluation, label="perplexity probe"))
-
-
-@st.cache_resource(max_entries=32, show_spinner=False)
-def _box(*key: str) -> dict:
-    """A per-key mutable holder (with a lock) for things computed once and shared across sessions."""
-    return {"lock": threading.Lock()}
 
 
 # ---------------------------------------------------------------------------------------------------

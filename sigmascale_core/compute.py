@@ -56,6 +56,13 @@ STAGE_LABELS = {
     "cheap": "svd / asvd / svdllm curves",
     "learned": "learned SigmaScale scalings",
 }
+STAGE_UNITS = {
+    "model": "",
+    "weights": "layers",
+    "calibration": "layers",
+    "cheap": "matrices",
+    "learned": "matrices",
+}
 FOCUS_KEPT = 8  # matrices remembered as looked at, newest first
 POLL_S = 1.0  # how often a waiting worker looks for work, the lock or results from another process
 WANTS_STALE_S = 600  # another process's focus older than this is ignored
@@ -391,6 +398,7 @@ class ComputeService:
         bank = self.bank
         wants = self._merged_wants()
         by_name = {r.name: r for r in bank.refs}
+        sweep_first = False
         for name in wants.focus:
             ref = by_name.get(name)
             if ref is None:
@@ -400,14 +408,19 @@ class ComputeService:
             due = self._diagnostics_due(ref.layer)
             if due is not None:
                 return "diagnostics", due
-            if ref.layer in self._stats_layers and name not in bank.cheap:
+            if ref.layer not in self._stats_layers:  # once every σ(W) is in: the sweep, until it gets here
+                sweep_first = True
+                continue
+            if name not in bank.cheap:
                 return "cheap", ref.layer
             rank = self._reference_rank(ref)
-            if ref.layer in self._stats_layers and not self._has_learned(name, rank):
+            if not self._has_learned(name, rank):
                 return "learned", (name, rank)
         for layer, refs in self._refs().items():
             if refs[0].name not in bank.weights_sigma:
                 return "weights", layer
+        if sweep_first:
+            return "calibration", None
         for layer in self._refs():
             due = self._diagnostics_due(layer)
             if due is not None:
