@@ -410,5 +410,7 @@ def test_bundled_model_loads_on_the_model_page(tmp_path, monkeypatch):
     st.cache_resource.clear()
     at = AppTest.from_file(APP, default_timeout=600).run()
     at.button[0].click().run()
+    assert wait_for(at, lambda s: s.loaded is not None, timeout=600).error is None  # loads in the background
+    at.run()
     assert not at.exception and not at.error
     assert "210 target matrices" in at.success[0].value and "30 layers" in at.success[0].value
