@@ -86,7 +86,7 @@ def cold(focus: str) -> dict:
         if "overview_all_W" in marks and not pages:  # first paints while the worker runs
             pages["model"] = timed(at.run)
             for page in ("2_spectra", "3_ranks", "4_run", "5_learn"):
-                pages[page] = timed(at.switch_page(f"pages/{page}.py").run)
+                pages[page] = timed(at.switch_page(f"views/{page}.py").run)
         time.sleep(0.2)
     service.stop()
     stages = {name: stage.seconds for name, stage in service.snapshot().stages.items()}
@@ -121,7 +121,7 @@ def main() -> None:
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=3600)
     warmup = {"model_page": timed(at.run)}
     assert not at.exception, [e.value for e in at.exception]
-    from pages import _shared as shared  # the app's own service (bare mode: no script context)
+    from views import _shared as shared  # the app's own service (bare mode: no script context)
 
     start = time.perf_counter()
     snap = shared.service(shared.defaults()).wait_until(lambda s: s.state == "idle", timeout=24 * 3600)
@@ -136,7 +136,7 @@ def main() -> None:
         ranks[i] = rng.integers(1, bank.full_rank[i] + 1)
         engine.append(timed(lambda ranks=ranks: bank.evaluate(bank.normalise(ranks), method)))
 
-    at.switch_page("pages/3_ranks.py").run()
+    at.switch_page("views/3_ranks.py").run()
     assert not at.exception, [e.value for e in at.exception]
     page = []
     for _ in range(args.edits):
@@ -150,7 +150,7 @@ def main() -> None:
         page.append(timed(at.run))
         assert not at.exception and not at.error, [e.value for e in (*at.exception, *at.error)]
 
-    spectra = [timed(at.switch_page("pages/2_spectra.py").run) for _ in range(5)]
+    spectra = [timed(at.switch_page("views/2_spectra.py").run) for _ in range(5)]
     result = {
         "matrices": len(bank.names),
         "warmup_seconds": warmup,

@@ -42,10 +42,10 @@ def app(tmp_path, monkeypatch):
 
 
 def spectra_page_when_idle(at: AppTest) -> AppTest:
-    from pages import _shared as shared
+    from views import _shared as shared
 
     shared.service(shared.defaults()).wait_until(lambda s: s.state == "idle", TIMEOUT)
-    at.switch_page("pages/2_spectra.py").run()
+    at.switch_page("views/2_spectra.py").run()
     assert not at.exception, [e.value for e in at.exception]
     return at
 

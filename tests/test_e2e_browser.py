@@ -163,6 +163,19 @@ def metric_value(page, label: str):
     )
 
 
+def test_a_deep_link_on_a_cold_server_opens_the_app(server, page):
+    """First in the module, so the server has served nobody yet: a bookmark of /ranks must get the app
+    (its navigation, its wide layout), not Streamlit's own page list of a folder named pages/."""
+    page.goto(f"{server['base']}/ranks")
+    page.get_by_role("heading", name="Ranks").wait_for(timeout=120_000)
+    sidebar = page.get_by_test_id("stSidebarNav")
+    expect(sidebar).to_contain_text("Model & data")
+    expect(sidebar.get_by_text("shared", exact=True)).to_have_count(0)
+    width = page.get_by_test_id("stMainBlockContainer").bounding_box()["width"]
+    assert width > 1000, f"the page is not in the wide layout ({width:.0f} px of a 1400 px window)"
+    shot(page, "0_deep_link_ranks")
+
+
 def test_every_page_then_an_edit_then_a_run(server, page):
     page.goto(server["base"])
     page.get_by_role("heading", name="Model & data").wait_for(timeout=60_000)

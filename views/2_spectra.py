@@ -9,7 +9,6 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from pages import _shared as shared
 from sigmascale_core import spectra
 from sigmascale_core.bank import reference_rank
 from sigmascale_core.diagnostics import (
@@ -21,6 +20,7 @@ from sigmascale_core.diagnostics import (
     power_law_line,
 )
 from sigmascale_core.metrics import effective_rank, participation_ratio
+from views import _shared as shared
 
 LABELS = {
     "svd": "W (plain SVD)",

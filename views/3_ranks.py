@@ -7,11 +7,11 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from pages import _shared as shared
 from sigmascale_core.allocation import allocate_ranks, damage_curves
 from sigmascale_core.methods import METHODS
 from sigmascale_core.plan import CompressionPlan
 from sigmascale_core.progress import format_seconds
+from views import _shared as shared
 
 st.title("Ranks")
 snap = shared.ready_snapshot()

@@ -4,7 +4,7 @@ from dataclasses import replace
 
 import streamlit as st
 
-from pages import _shared as shared
+from views import _shared as shared
 
 st.title("Model & data")
 cfg = shared.config()

@@ -9,11 +9,11 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from pages import _shared as shared
 from sigmascale_core import jobs
 from sigmascale_core.methods import METHODS
 from sigmascale_core.progress import format_seconds
 from sigmascale_core.text import DEFAULT_EVALUATION_TEXTS
+from views import _shared as shared
 
 st.title("Run")
 cfg = shared.config()
