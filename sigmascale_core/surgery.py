@@ -7,6 +7,8 @@ config + the plan, atomically; `load_compressed` rebuilds it from those alone (n
 
 from __future__ import annotations
 
+import copy
+import json
 import os
 import shutil
 import tempfile
@@ -17,53 +19,24 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from sigmascale_core import modeling_sigmascale
 from sigmascale_core.artifacts import remove_stale_temps, temp_prefix, write_json_atomic
 from sigmascale_core.calibration import stats_key
 from sigmascale_core.methods import LowRankFactors, decompose
+from sigmascale_core.modeling_sigmascale import (
+    CLASS_OF_MODEL_TYPE,
+    LowRankLinear,
+    enable_latent_kv,
+    replace_with_low_rank,
+)
 from sigmascale_core.models import GROUP_OF_KIND, get_module, set_module, target_matrices
 from sigmascale_core.plan import CompressionPlan
 from sigmascale_core.progress import Progress
 from sigmascale_core.stats import ActivationStats
 
 PLAN_FILE = "sigmascale_plan.json"
+MODELING_FILE = "modeling_sigmascale.py"  # the copy of modeling_sigmascale in every saved folder
 WEIGHTS_FILE = "model.safetensors"
-
-
-class LowRankLinear(nn.Module):
-    """y = left(right(x)) + bias: an nn.Linear(in, out) replaced by rank-k factors (two thin matmuls)."""
-
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        rank: int,
-        bias: bool = False,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__()
-        self.in_features, self.out_features, self.rank = in_features, out_features, rank
-        self.right = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)  # (k, n)
-        self.left = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)  # (m, k)
-
-    @classmethod
-    def from_factors(cls, factors: LowRankFactors, bias: torch.Tensor | None = None) -> LowRankLinear:
-        m, n = factors.left.shape[0], factors.right.shape[1]
-        module = cls(
-            n, m, factors.rank, bias=bias is not None, device=factors.left.device, dtype=factors.left.dtype
-        )
-        with torch.no_grad():
-            module.left.weight.copy_(factors.left)
-            module.right.weight.copy_(factors.right)
-            if bias is not None:
-                module.left.bias.copy_(bias)
-        return module
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.left(self.right(x))
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
 def target_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
@@ -131,7 +104,7 @@ def apply_factors(model: nn.Module, factors: dict[str, LowRankFactors]) -> None:
                 f"{old.out_features}×{old.in_features}"
             )
         bias = None if old.bias is None else old.bias.detach()
-        new = LowRankLinear.from_factors(f, bias)
+        new = LowRankLinear.from_weights(f.left, f.right, bias)
         set_module(model, name, new.to(device=old.weight.device, dtype=old.weight.dtype))
 
 
@@ -145,21 +118,6 @@ def compress(
     factors = fit_factors(model, plan, stats, progress)
     apply_factors(model, factors)
     return factors
-
-
-def _empty_low_rank(model: nn.Module, plan: CompressionPlan) -> None:
-    """Swap in LowRankLinear shells of the plan's ranks (weights to be loaded)."""
-    for name, matrix in plan.compressed.items():
-        old = get_module(model, name)
-        shell = LowRankLinear(
-            old.in_features,
-            old.out_features,
-            matrix.rank,
-            bias=old.bias is not None,
-            device="meta",
-            dtype=old.weight.dtype,
-        )
-        set_module(model, name, shell)
 
 
 def check_output_dir(out_dir: str | os.PathLike, force: bool = False) -> Path:
@@ -186,9 +144,12 @@ def save_compressed(
     tokenizer: Any = None,
     report: dict | None = None,
     force: bool = False,
+    latent_kv: bool = False,
 ) -> Path:
     """Write weights (safetensors), config, plan, tokenizer and report into `out_dir` atomically.
 
+    The folder loads with plain transformers too: modeling_sigmascale.py is copied in and named in the
+    config's auto_map, the config carries the ranks (and `latent_kv`, the default of the latent KV cache).
     Everything is written into a temp folder beside `out_dir`, then renamed into place: an interrupted
     save leaves no half-written model. An existing `out_dir` is refused unless `force`, also when it
     appears while saving (another run saving there): the final rename never replaces it then.
@@ -199,7 +160,10 @@ def save_compressed(
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=temp_prefix(out), suffix=".tmp"))
     try:
         save_file(_untied_state(model), str(tmp / WEIGHTS_FILE))
-        (tmp / "config.json").write_text(model.config.to_json_string())
+        (tmp / "config.json").write_text(deployable_config(model.config, plan, latent_kv).to_json_string())
+        shutil.copyfile(modeling_sigmascale.__file__, tmp / MODELING_FILE)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
         plan.save(tmp / PLAN_FILE)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -217,6 +181,19 @@ def save_compressed(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def deployable_config(config: Any, plan: CompressionPlan, latent_kv: bool = False) -> Any:
+    """A copy of the model's config that AutoModelForCausalLM(trust_remote_code=True) builds the
+    compressed model from: the plan's ranks and the SigmaScale class of its family in auto_map."""
+    if config.model_type not in CLASS_OF_MODEL_TYPE:
+        raise ValueError(f"cannot save a {config.model_type!r} model: families {sorted(CLASS_OF_MODEL_TYPE)}")
+    config = copy.deepcopy(config)
+    config.sigmascale_ranks = {name: matrix.rank for name, matrix in plan.compressed.items()}
+    config.sigmascale_latent_kv = latent_kv
+    model_class = CLASS_OF_MODEL_TYPE[config.model_type]
+    config.auto_map = {"AutoModelForCausalLM": f"{Path(MODELING_FILE).stem}.{model_class}"}
+    return config
 
 
 def _rename_no_replace(src: Path, dst: Path) -> None:
@@ -248,10 +225,16 @@ def is_compressed_dir(path: str | os.PathLike) -> bool:
 
 
 def load_compressed(
-    directory: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+    directory: str | os.PathLike,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    latent_kv: bool | None = None,
 ) -> tuple[nn.Module, CompressionPlan]:
     """Rebuild a saved compressed model: base architecture from its config, LowRankLinear where the plan
-    says, weights from safetensors (no pickles, no recompression)."""
+    says, weights from safetensors (no pickles, no recompression). Folders of any SigmaScale version.
+
+    latent_kv: cache the K/V latents (modeling_sigmascale); None takes the folder's config (default off).
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     directory = Path(directory)
@@ -259,10 +242,13 @@ def load_compressed(
         raise ValueError(f"{directory} is not a SigmaScale output folder (no {PLAN_FILE} + {WEIGHTS_FILE})")
     plan = CompressionPlan.load(directory / PLAN_FILE)
     config = AutoConfig.from_pretrained(directory)
+    if latent_kv is None:
+        latent_kv = getattr(config, "sigmascale_latent_kv", False)
+    config.auto_map = {}  # build the base class here; the folder's own code is for plain transformers
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     check_plan_matches(model, plan)
-    _empty_low_rank(model, plan)
+    replace_with_low_rank(model, {name: matrix.rank for name, matrix in plan.compressed.items()})
     try:
         state = load_file(str(directory / WEIGHTS_FILE), device=str(device))
     except Exception as err:
@@ -279,7 +265,34 @@ def load_compressed(
             f"{directory}: weights missing from {WEIGHTS_FILE}: {still_meta[:3]} (of {len(missing)})"
         )
     _materialise_buffers(model, device)
+    model.config = deployable_config(model.config, plan, latent_kv)
+    if latent_kv:
+        enable_latent_kv(model)
     return model.to(device).eval(), plan
+
+
+def export_compressed(
+    source: str | os.PathLike, out_dir: str | os.PathLike, force: bool = False, latent_kv: bool = False
+) -> Path:
+    """Rewrite a compressed folder (also one saved before plain-transformers loading existed) into
+    `out_dir` in today's format: same weights, plan, tokenizer and report; atomic like save_compressed."""
+    from transformers import AutoTokenizer
+
+    source = Path(source).expanduser().resolve()
+    if not is_compressed_dir(source):
+        raise ValueError(
+            f"--model {source} is not a SigmaScale output folder (no {PLAN_FILE} + {WEIGHTS_FILE})"
+        )
+    out = check_output_dir(out_dir, force)
+    if out == source:
+        raise ValueError("--out must differ from --model: export writes a new folder")
+    model, plan = load_compressed(source)
+    tokenizer = (
+        AutoTokenizer.from_pretrained(source) if (source / "tokenizer_config.json").is_file() else None
+    )
+    report_file = source / "report.json"
+    report = json.loads(report_file.read_text()) if report_file.is_file() else None
+    return save_compressed(model, plan, out, tokenizer, report, force=force, latent_kv=latent_kv)
 
 
 def _materialise_buffers(model: nn.Module, device: torch.device | str) -> None:

@@ -4,7 +4,18 @@ import random
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 VOCAB = 120
 
@@ -22,7 +33,13 @@ def tiny_model(family: str = "llama", seed: int = 0) -> torch.nn.Module:
     )
     if family == "llama":
         return LlamaForCausalLM(LlamaConfig(**common, tie_word_embeddings=True)).eval()
-    return Qwen3ForCausalLM(Qwen3Config(**common, head_dim=16)).eval()
+    if family == "mistral":  # Mistral v0.3-style: no sliding window
+        return MistralForCausalLM(MistralConfig(**common, sliding_window=None)).eval()
+    if family == "qwen2":  # q/k/v carry biases
+        return Qwen2ForCausalLM(Qwen2Config(**common, tie_word_embeddings=True)).eval()
+    if family == "qwen3":
+        return Qwen3ForCausalLM(Qwen3Config(**common, head_dim=16)).eval()
+    raise ValueError(f"no tiny {family!r} model: {FAMILIES}")
 
 
 # Words of the small file: texts (documents separated by blank lines, each naming its file and index,
