@@ -228,6 +228,13 @@ def cmd_compress(args: argparse.Namespace) -> None:
     print(f"saved the compressed model to {Path(config.out).resolve()}", file=sys.stderr)
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from sigmascale_core.surgery import export_compressed
+
+    out = export_compressed(args.model, args.out, force=args.force, latent_kv=args.latent_kv)
+    print(f"exported to {out}: AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True) loads it")
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     from sigmascale_core.pipeline import check_positive, evaluate_perplexity, peak_memory
 
@@ -595,6 +602,23 @@ def build_parser() -> argparse.ArgumentParser:
     _eval_args(p)
     p.add_argument("--report", type=Path, help="write the JSON report here (default: stdout)")
     p.set_defaults(run=cmd_eval)
+
+    p = sub.add_parser(
+        "export",
+        help="rewrite a compressed folder (also an older one) so plain transformers loads it",
+        description="Writes --out with the same weights, plan, tokenizer and report as --model, plus "
+        "modeling_sigmascale.py and a config whose auto_map names it: AutoModelForCausalLM."
+        "from_pretrained(OUT, trust_remote_code=True) then loads the compressed model without SigmaScale.",
+    )
+    p.add_argument("--model", required=True, type=Path, help="a folder written by `sigmascale compress`")
+    p.add_argument("--out", required=True, type=Path, help="the new folder")
+    p.add_argument(
+        "--latent-kv",
+        action="store_true",
+        help="cache the rank-r K/V latents by default (smaller KV cache; K and V rebuilt at each step)",
+    )
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.set_defaults(run=cmd_export)
 
     p = sub.add_parser(
         "spectra",
