@@ -2,7 +2,9 @@
 
 Fit and apply are separate, as in llm-awq: `fit_factors` returns plain LowRankFactors keyed by module
 name; `apply_factors` replays them. A compressed model is saved as safetensors weights + the base
-config + the plan, atomically; `load_compressed` rebuilds it from those alone (no pickles, no refit).
+config (with the ranks) + the plan + modeling_sigmascale.py, atomically; `load_compressed` rebuilds it
+from those alone (no pickles, no refit), and so does plain transformers with trust_remote_code.
+`export_compressed` brings folders saved before the modeling file existed up to date.
 """
 
 from __future__ import annotations
