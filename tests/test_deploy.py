@@ -57,7 +57,10 @@ PLAIN_TRANSFORMERS = textwrap.dedent(
         ).eval()
         with torch.no_grad():
             results[f"logits_{latent}"] = model(ids).logits
-        results[f"generated_{latent}"] = model.generate(ids, max_new_tokens=12, do_sample=False)
+        out = model.generate(ids, max_new_tokens=12, do_sample=False, return_dict_in_generate=True)
+        results[f"generated_{latent}"] = out.sequences
+        layer_cache = type(out.cache.layers[0]).__name__
+        assert layer_cache == ("LatentKVLayer" if latent else "DynamicLayer"), layer_cache
     assert not any(name.startswith("sigmascale_core") for name in sys.modules), "our package was imported"
     assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
     save_file({k: v.contiguous() for k, v in results.items()}, out_file)
@@ -202,6 +205,7 @@ def test_latent_kv_cache_matches_the_uncached_model_over_256_tokens(family, tmp_
     assert all(isinstance(layer, LatentKVLayer) for layer in cache.layers)
     assert cache.get_seq_length() == 8 + 255
     torch.testing.assert_close(logits, uncached_logits(dense_cache, sequences, 8), atol=1e-4, rtol=0)
+    torch.testing.assert_close(uncached_logits(latent, sequences, 8), logits, atol=1e-4, rtol=0)
     assert torch.equal(
         sequences, dense_cache.generate(ids, max_new_tokens=256, min_new_tokens=256, do_sample=False)
     )
