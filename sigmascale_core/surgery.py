@@ -162,7 +162,9 @@ def save_compressed(
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=temp_prefix(out), suffix=".tmp"))
     try:
         save_file(_untied_state(model), str(tmp / WEIGHTS_FILE))
-        (tmp / "config.json").write_text(deployable_config(model.config, plan, latent_kv).to_json_string())
+        config = copy.deepcopy(model.config)
+        mark_deployable(config, plan, latent_kv)
+        (tmp / "config.json").write_text(config.to_json_string())
         shutil.copyfile(modeling_sigmascale.__file__, tmp / MODELING_FILE)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
@@ -185,17 +187,16 @@ def save_compressed(
     return out
 
 
-def deployable_config(config: Any, plan: CompressionPlan, latent_kv: bool = False) -> Any:
-    """A copy of the model's config that AutoModelForCausalLM(trust_remote_code=True) builds the
-    compressed model from: the plan's ranks and the SigmaScale class of its family in auto_map."""
+def mark_deployable(config: Any, plan: CompressionPlan, latent_kv: bool = False) -> None:
+    """Make `config` one AutoModelForCausalLM(trust_remote_code=True) builds the compressed model from:
+    the plan's ranks, the latent-KV default and the SigmaScale class of its family in auto_map (in place,
+    as the model's attention layers share the config object)."""
     if config.model_type not in CLASS_OF_MODEL_TYPE:
         raise ValueError(f"cannot save a {config.model_type!r} model: families {sorted(CLASS_OF_MODEL_TYPE)}")
-    config = copy.deepcopy(config)
     config.sigmascale_ranks = {name: matrix.rank for name, matrix in plan.compressed.items()}
     config.sigmascale_latent_kv = latent_kv
     model_class = CLASS_OF_MODEL_TYPE[config.model_type]
     config.auto_map = {"AutoModelForCausalLM": f"{Path(MODELING_FILE).stem}.{model_class}"}
-    return config
 
 
 def _rename_no_replace(src: Path, dst: Path) -> None:
@@ -267,7 +268,7 @@ def load_compressed(
             f"{directory}: weights missing from {WEIGHTS_FILE}: {still_meta[:3]} (of {len(missing)})"
         )
     _materialise_buffers(model, device)
-    model.config = deployable_config(model.config, plan, latent_kv)
+    mark_deployable(model.config, plan, latent_kv)
     if latent_kv:
         enable_latent_kv(model)
     return model.to(device).eval(), plan
