@@ -8,9 +8,10 @@ loads the compressed model where sigmascale_core is not installed. The config ca
 for LowRankLinear shells before the weights load.
 
 Latent KV cache (`config.sigmascale_latent_kv`, default off): when k_proj and v_proj of a layer are both
-low rank r below their output width, that layer caches the rank-r latents x·Rᵀ instead of K and V and
-rebuilds K = latent·Lᵀ (+ bias) and V alike at every step. K is normed (Qwen3) and rotated only after it is
-rebuilt, with the position each cached token had, so the cache keeps those positions beside the latents.
+low rank r below their output width, that layer caches the rank-r latents x·Rᵀ instead of K and V. K is
+rebuilt from them at every step (latent·Lᵀ + bias), then normed (Qwen3) and rotated with the position each
+cached token had, so the cache keeps those positions beside the latents. V is never rebuilt: attention
+weights the V latents and v_proj's left factor is applied to that weighted sum, per head.
 """
 
 from __future__ import annotations
@@ -161,9 +162,9 @@ def latent_kv_attention(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The forward of a Llama/Mistral/Qwen2/Qwen3 attention `attn` whose cache holds the K/V latents.
 
-    Same result as the family's own forward: Q as there; K and V rebuilt from all cached latents, K then
+    Same result as the family's own forward: Q as there; K rebuilt from all cached latents, then
     normed (Qwen3's k_norm) and rotated by `decoder.rotary_emb` (the family's *Model, looked up at each call
-    as loading may rebuild it) at the cached positions.
+    as loading may rebuild it) at the cached positions; V applied in latent space (below).
     """
     batch, length = hidden_states.shape[:2]
     head_dim = attn.head_dim
@@ -189,11 +190,15 @@ def latent_kv_attention(
         key = attn.k_norm(key)
     key_cos, key_sin = decoder.rotary_emb(key, positions)
     key = _rope(key.transpose(1, 2), key_cos, key_sin)  # (B, KV, T_all, d)
-    value = attn.v_proj.left(latent_v.squeeze(1)).view(batch, total, -1, head_dim).transpose(1, 2)
+    # V stays latent: each head's softmax row sums to 1, so softmax(QKᵀ)·(Z·Lᵀ + b) = (softmax(QKᵀ)·Z)·Lᵀ + b,
+    # with L the head's rows of v_proj.left (H·T·r multiply-adds per step instead of T·r·width)
+    kv_heads = key.shape[1]
+    value = latent_v.expand(batch, kv_heads, total, latent_v.shape[-1])  # (B, KV, T_all, r_v), no copy
 
-    attention = ALL_ATTENTION_FUNCTIONS.get_interface(
-        attn.config._attn_implementation, eager_attention_forward
-    )
+    implementation = attn.config._attn_implementation
+    if implementation not in ("eager", "sdpa"):
+        raise ValueError(f"the latent KV cache runs with eager or sdpa attention, not {implementation!r}")
+    attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
     output, weights = attention(
         attn,
         query,
@@ -204,8 +209,15 @@ def latent_kv_attention(
         scaling=attn.scaling,
         position_ids=position_ids,
         **kwargs,
-    )
-    return attn.o_proj(output.reshape(batch, length, -1).contiguous()), weights
+    )  # (B, T, H, r_v)
+    groups = attn.num_key_value_groups  # query head h reads K/V head h // groups
+    left = attn.v_proj.left.weight.view(kv_heads, head_dim, -1).repeat_interleave(
+        groups, dim=0
+    )  # (H, d, r_v)
+    output = torch.einsum("bthr,hdr->bthd", output, left)
+    if attn.v_proj.left.bias is not None:
+        output = output + attn.v_proj.left.bias.view(kv_heads, head_dim).repeat_interleave(groups, dim=0)
+    return attn.o_proj(output.reshape(batch, length, -1)), weights
 
 
 def latent_kv_layers(model: nn.Module) -> list[int]:

@@ -248,3 +248,14 @@ def test_low_rank_linear_from_weights():
     torch.testing.assert_close(module(x), x @ (left @ right).T + bias)
     with pytest.raises(ValueError, match="do not chain"):
         LowRankLinear.from_weights(left, torch.randn(3, 5))
+
+
+def test_latent_kv_cache_with_eager_attention(tmp_path):
+    model, plan = compressed_model("qwen2")  # biases on v_proj: added after the latent-space attention
+    out = save_compressed(model, plan, tmp_path / "out")
+    latent, _ = load_compressed(out, latent_kv=True)
+    latent.set_attn_implementation("eager")
+    assert latent.config._attn_implementation == "eager"
+    ids = prompt(batch=2, length=8)
+    sequences, logits, _ = generate_logits(latent, ids, 24)
+    torch.testing.assert_close(logits, uncached_logits(model, sequences, 8), atol=1e-4, rtol=0)
