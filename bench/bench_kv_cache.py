@@ -12,7 +12,8 @@ alternately in this process, --repeats times, median; the speed is reported as t
 Exactness: the largest |logit| difference of each generation to one uncached forward pass over the
 generated sequence (the plain cache's own difference is float32's floor for this model). Then the same bytes per
 token for a Llama-3.1-8B-shaped model on paper (no weights): 32 layers, K/V 8 heads × 128 = 1024 wide,
-hidden 4096, bf16, plus the extra multiply-adds per decoded token that rebuilding K and V costs there.
+hidden 4096, bf16, plus the multiply-adds per decoded token the latent cache adds there (K rebuilt; V
+attended as r-wide latents).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from sigmascale_core.surgery import compress, load_compressed, save_compressed
 POSITION_BYTES = (
     8  # the latent cache keeps one int64 position per token and layer (K is rotated after rebuild)
 )
-LLAMA_8B = dict(layers=32, hidden=4096, kv_width=8 * 128, dtype_bytes=2)  # Llama-3.1-8B's K/V shapes, bf16
+LLAMA_8B = dict(layers=32, hidden=4096, heads=32, head_dim=128, kv_width=8 * 128, dtype_bytes=2)  # bf16
 
 
 def cache_bytes_per_token(cache) -> float:
@@ -97,21 +98,24 @@ def measure(models: dict, ids: torch.Tensor, new_tokens: int, repeats: int) -> d
 
 def llama_8b_on_paper(retention: float, context: int) -> dict:
     """Bytes per token of a Llama-3.1-8B-shaped KV cache, plain and latent, at a uniform retention, and
-    the multiply-adds per decoded token of rebuilding K and V from `context` cached latents."""
+    what the latent cache adds per decoded token at `context` cached tokens, in multiply-adds: K rebuilt
+    from the latents, and V's attention over r-wide latents instead of 128-wide heads."""
     layers, hidden, width, size = (LLAMA_8B[k] for k in ("layers", "hidden", "kv_width", "dtype_bytes"))
+    heads, head_dim = LLAMA_8B["heads"], LLAMA_8B["head_dim"]
     rank = rank_for_retention(width, hidden, retention)  # k_proj and v_proj are (1024, 4096)
     plain = layers * 2 * width * size
     latent = layers * (2 * rank * size + POSITION_BYTES)
     weights_macs = 8.0e9  # ≈ parameters: the dense model's multiply-adds per token
-    rebuild_macs = layers * 2 * context * rank * width  # K and V = latent (T, r) · leftᵀ (r, 1024)
+    k_rebuild = layers * context * rank * width  # K = latent (T, r) · leftᵀ (r, 1024)
+    v_extra = layers * heads * context * (rank - head_dim)  # softmax · Z (T, r) instead of · V (T, 128)
     return {
         "retention": retention,
         "kv_rank": rank,
         "kv_bytes_per_token": {"plain": plain, "latent": latent},
         "latent_over_plain": latent / plain,
         "context": context,
-        "rebuild_macs_per_decoded_token": rebuild_macs,
-        "rebuild_macs_over_dense_weights_macs": rebuild_macs / weights_macs,
+        "extra_macs_per_decoded_token": {"k_rebuild": k_rebuild, "v_latent_attention": v_extra},
+        "extra_macs_over_dense_weights_macs": (k_rebuild + v_extra) / weights_macs,
     }
 
 
