@@ -259,3 +259,16 @@ def test_latent_kv_cache_with_eager_attention(tmp_path):
     ids = prompt(batch=2, length=8)
     sequences, logits, _ = generate_logits(latent, ids, 24)
     torch.testing.assert_close(logits, uncached_logits(model, sequences, 8), atol=1e-4, rtol=0)
+
+
+def test_latent_kv_cache_beside_dense_layers(tmp_path):
+    """A plan that keeps layer 1's v_proj dense: layer 1 keeps the plain cache, layer 0 the latent one."""
+    model = tiny_model("llama")
+    ids = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(1))
+    plan = CompressionPlan.uniform(target_shapes(model), 0.5, "svdllm", model_fingerprint(model))
+    plan = plan.with_ranks({"model.layers.1.self_attn.v_proj": None})
+    compress(model, plan, collect_stats(model, ids))
+    latent, _ = load_compressed(save_compressed(model, plan, tmp_path / "out"), latent_kv=True)
+    sequences, logits, cache = generate_logits(latent, prompt(length=8), 24)
+    assert [type(layer).__name__ for layer in cache.layers] == ["LatentKVLayer", "DynamicLayer"]
+    torch.testing.assert_close(logits, uncached_logits(model, sequences, 8), atol=1e-4, rtol=0)
