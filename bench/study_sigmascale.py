@@ -169,6 +169,22 @@ class Study:
             "matrices": per_matrix,
         }
 
+    def plan(self, method: str, options: dict, retention: float, probe_method: str) -> tuple:
+        """(greedy plan on the loss-curve proxy of `probe_method`, planning info): no forward pass (the
+        perplexity probe takes > 1 h on this CPU); probe tables are cached, so a second call is cheap."""
+        config = probe_config_for(method, proxy=True, probe_method=probe_method, options=options)
+        return build_plan(self.loaded, self.stats, retention, method, options, "greedy", config)
+
+    def plan_comparison(self, method: str, options: dict, retention: float) -> dict:
+        own, _ = self.plan(method, options, retention, method)
+        other, _ = self.plan(method, options, retention, "svdllm")
+        delta = [abs((own.matrices[n].rank or 0) - (other.matrices[n].rank or 0)) for n in own.matrices]
+        return {
+            "matrices_with_other_rank": sum(d > 0 for d in delta),
+            "mean_abs_rank_difference": statistics.fmean(delta),
+            "max_abs_rank_difference": max(delta),
+        }
+
     def model_row(
         self, method: str, options: dict, retention: float, allocation: str, probe_method: str | None = None
     ) -> dict:
@@ -176,9 +192,8 @@ class Study:
         started = time.perf_counter()
         if allocation == "uniform":
             plan, planning = uniform_plan(loaded, retention, method, options), {}
-        else:  # greedy on the loss-curve proxy: no forward pass (the perplexity probe is > 1 h here)
-            config = probe_config_for(method, proxy=True, probe_method=probe_method, options=options)
-            plan, planning = build_plan(loaded, self.stats, retention, method, options, allocation, config)
+        else:
+            plan, planning = self.plan(method, options, retention, probe_method or method)
         plan_seconds = time.perf_counter() - started
         started = time.perf_counter()
         factors = compress(loaded.model, plan, self.stats)
@@ -203,13 +218,52 @@ class Study:
         }
 
 
+def markdown(results: dict) -> str:
+    """The README table: one line per measured row (perplexities, mean per-matrix losses, seconds)."""
+    lines = [
+        "| row | ppl boolq:evaluation | ppl lambada | calibration loss | held-out loss | s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, row in results["rows"].items():
+        if name.startswith("shrink:"):
+            if "matrices" in row:
+                lines.append(
+                    f"| {name} (λ chosen: {row['chosen']}; per matrix {row['chosen_counts']}) "
+                    f"| | | | mean ratio to λ=0 {row['mean_heldout_ratio']} | {row['row_seconds']:.0f} |"
+                )
+            continue
+        if name.startswith("plan:"):
+            lines.append(
+                f"| {name}: {row['matrices_with_other_rank']} matrices ranked differently, mean |Δrank| "
+                f"{row['mean_abs_rank_difference']:.1f}, max {row['max_abs_rank_difference']} | | | | | |"
+            )
+            continue
+        if name.startswith("matrix:"):
+            lines.append(
+                f"| {name} (rank {row['rank']}) | | | {row['calibration_loss']:.5f} "
+                f"| {row['heldout_loss']:.5f} | {row['seconds']:.1f} |"
+            )
+            continue
+        ppl = row["perplexity"]
+        lines.append(
+            f"| {name} ({row['parameter_retention']:.3f}) | {ppl['boolq:evaluation']:.2f} | {ppl['lambada']:.2f} "
+            f"| {row['mean_calibration_loss']:.5f} | {row['mean_heldout_loss']:.5f} "
+            f"| {row['row_seconds']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", type=Path, default=Path("bench/results/study_sigmascale.json"))
     parser.add_argument("--rows", default="", help="comma-separated row-name prefixes to run (default: all)")
+    parser.add_argument("--show", action="store_true", help="print the table in --out, measure nothing")
     args = parser.parse_args()
+    if args.show:
+        print(markdown(json.loads(args.out.read_text())))
+        return
     study = Study(args.out, [p for p in args.rows.split(",") if p])
 
     shrink_row = study.row("shrink:svdllm", study.shrink_choice)
@@ -220,10 +274,10 @@ def main() -> None:
         chosen = lam if own is None else own["chosen"]
         for config in MATRIX_CONFIGS:
             study.row(f"matrix:{name}:{config}", lambda n=name, c=config, s=chosen: study.matrix_row(n, c, s))
-    models = {
+    models = {  # in order of priority: the CPU budget may stop the run before the last ones
         "model:svdllm+shrink uniform 0.75": ("svdllm", {"shrink": lam}, 0.75, "uniform", None),
         "model:sigmascale whiten+shrink uniform 0.75": ("sigmascale", whiten, 0.75, "uniform", None),
-        "model:svdllm proxy-greedy 0.75": ("svdllm", {}, 0.75, "greedy", None),
+        "model:svdllm proxy-greedy 0.75": ("svdllm", {}, 0.75, "greedy", "svdllm"),
         "model:sigmascale whiten+shrink own-proxy-greedy 0.75": (
             "sigmascale",
             whiten,
@@ -231,6 +285,15 @@ def main() -> None:
             "greedy",
             "sigmascale",
         ),
+    }
+    for name, spec in models.items():
+        study.row(name, lambda s=spec: study.model_row(*s))
+    study.row(
+        "plan:sigmascale whiten+shrink 0.75 own vs svdllm proxy",
+        lambda: study.plan_comparison("sigmascale", whiten, 0.75),
+    )
+    later = {
+        "model:sigmascale whiten+shrink uniform 0.9": ("sigmascale", whiten, 0.9, "uniform", None),
         "model:sigmascale whiten+shrink svdllm-proxy-greedy 0.75": (
             "sigmascale",
             whiten,
@@ -238,11 +301,9 @@ def main() -> None:
             "greedy",
             "svdllm",
         ),
-        "model:sigmascale whiten+shrink uniform 0.9": ("sigmascale", whiten, 0.9, "uniform", None),
         "model:sigmascale whiten-init uniform 0.75": ("sigmascale", WHITEN, 0.75, "uniform", None),
-        "model:sigmascale default uniform 0.75": ("sigmascale", {}, 0.75, "uniform", None),
     }
-    for name, spec in models.items():
+    for name, spec in later.items():
         study.row(name, lambda s=spec: study.model_row(*s))
     log("done")
 

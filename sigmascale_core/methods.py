@@ -29,13 +29,13 @@ METHOD_OPTIONS: dict[str, dict[str, object]] = {
     "sigmascale": {
         "steps": 20,  # Adam steps on (r, c)
         "lr": 0.05,  # Adam learning rate, in log-scale units
-        "init": "asvd",  # "identity" (r = c = 0, as the paper), "asvd" (c = alpha·log abs_mean) or
-        # "whiten" (r, c learned on top of svdllm's whitening factor L: S_col = L·diag(eᶜ))
+        "init": "whiten",  # "identity" (r = c = 0, as the paper), "asvd" (c = alpha·log abs_mean) or
+        # "whiten" (r, c learned on top of svdllm's whitening factor L: S_col = L·diag(eᶜ)); issue 19 study
         "alpha": 0.5,  # ASVD exponent used by init="asvd"
         "l2": 1e-4,  # weight of mean(r²) + mean(c²), keeps the scales bounded
         "seed": 0,  # seeds the start: the optimiser is deterministic for a given seed
         "init_noise": 0.0,  # std of Gaussian noise added to the initial (r, c)
-        "shrink": 0.0,  # init="whiten" only: λ of the whitened Gram, as svdllm's shrink
+        "shrink": 0.01,  # λ of the whitened Gram, as svdllm's (init="whiten"; other inits ignore it)
     },
 }
 SIGMASCALE_INITS = ("identity", "asvd", "whiten")
@@ -123,8 +123,6 @@ def check_options(method: str, options: dict[str, object] | None) -> dict[str, o
             raise ValueError(
                 f"sigmascale needs l2, init_noise ≥ 0, got {merged['l2']}, {merged['init_noise']}"
             )
-        if merged["shrink"] > 0 and merged["init"] != "whiten":
-            raise ValueError("sigmascale's shrink applies to the whitening factor: it needs init='whiten'")
     return dict(options)
 
 
@@ -210,7 +208,6 @@ def decompose(
     W: torch.Tensor, stats: ActivationStats | None, rank: int, method: str = "svd", **options: object
 ) -> LowRankFactors:
     """Rank-`rank` factors of W by `method`; float64 math on W's device, factors in W's dtype."""
-    check_rank(rank, *W.shape)
     return truncate(W, fit_scaling(W, stats, method, rank, **options), rank, method)
 
 
@@ -221,8 +218,9 @@ def fit_scaling(
     rank: int | None = None,
     **options: object,
 ) -> Scaling:
-    """The scaling `method` truncates W under (float64, W's device); sigmascale learns it at `rank`.
-    Fitted once, it serves every rank through `truncate` (how the probe and the curves use sigmascale)."""
+    """The scaling `method` truncates W under (float64, W's device); sigmascale learns it at `rank`
+    (checked whenever given). Fitted once, it serves every rank through `truncate` (how the probe and
+    the curves use sigmascale)."""
     opts = _options(method, options)
     _check_inputs(W, stats, method)
     if rank is not None:
@@ -334,12 +332,12 @@ def learn_scaling(
     rank: int,
     steps: int = 20,
     lr: float = 0.05,
-    init: str = "asvd",
+    init: str = "whiten",
     alpha: float = 0.5,
     l2: float = 1e-4,
     seed: int = 0,
     init_noise: float = 0.0,
-    shrink: float = 0.0,
+    shrink: float = 0.01,
 ) -> Scaling:
     """SigmaScale: learn log-scales r (m), c (n) minimising ‖(W − W′)X‖²/‖WX‖² + l2·(mean r² + mean c²),
     W′ = diag(e⁻ʳ)·T_k(diag(eʳ) W diag(eᶜ))·diag(e⁻ᶜ), by Adam through the rank-k truncation.

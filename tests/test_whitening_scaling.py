@@ -100,8 +100,7 @@ def test_choose_shrink_is_the_held_out_argmin_of_the_grid(small_calibration, met
         ("svdllm", {"shrink": 1.0}, r"shrink of svdllm must be in \[0, 1\)"),
         ("svdllm", {"shrink": -0.1}, r"shrink of svdllm must be in \[0, 1\)"),
         ("svdllm", {"shrink": "0.1"}, "expects float"),
-        ("sigmascale", {"shrink": 0.1}, "needs init='whiten'"),
-        ("sigmascale", {"init": "asvd", "shrink": 0.1}, "needs init='whiten'"),
+        ("sigmascale", {"shrink": 1.5}, r"shrink of sigmascale must be in \[0, 1\)"),
         ("sigmascale", {"init": "whitened"}, "unknown init"),
         ("asvd", {"shrink": 0.1}, "unknown option"),
     ],
@@ -110,6 +109,16 @@ def test_option_validation(layer, method, options, message):
     W, _, stats = layer
     with pytest.raises(ValueError, match=message):
         decompose(W, stats, 4, method, **options)
+
+
+def test_sigmascale_defaults_learn_on_shrunk_whitening_and_other_inits_ignore_shrink(layer):
+    W, _, stats = layer
+    default = decompose(W, stats, 7, "sigmascale", steps=5)
+    explicit = decompose(W, stats, 7, "sigmascale", steps=5, init="whiten", shrink=0.01)
+    assert torch.equal(default.left, explicit.left) and torch.equal(default.right, explicit.right)
+    asvd = decompose(W, stats, 7, "sigmascale", steps=5, init="asvd", shrink=0.3)
+    asvd_unshrunk = decompose(W, stats, 7, "sigmascale", steps=5, init="asvd", shrink=0.0)
+    assert torch.equal(asvd.left, asvd_unshrunk.left) and asvd.col_scale is not None
 
 
 def test_choose_shrink_needs_a_grid(layer):
