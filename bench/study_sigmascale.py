@@ -278,13 +278,6 @@ def main() -> None:
         "model:svdllm+shrink uniform 0.75": ("svdllm", {"shrink": lam}, 0.75, "uniform", None),
         "model:sigmascale whiten+shrink uniform 0.75": ("sigmascale", whiten, 0.75, "uniform", None),
         "model:svdllm proxy-greedy 0.75": ("svdllm", {}, 0.75, "greedy", "svdllm"),
-        "model:sigmascale whiten+shrink own-proxy-greedy 0.75": (
-            "sigmascale",
-            whiten,
-            0.75,
-            "greedy",
-            "sigmascale",
-        ),
     }
     for name, spec in models.items():
         study.row(name, lambda s=spec: study.model_row(*s))
@@ -293,14 +286,14 @@ def main() -> None:
         lambda: study.plan_comparison("sigmascale", whiten, 0.75),
     )
     later = {
-        "model:sigmascale whiten+shrink uniform 0.9": ("sigmascale", whiten, 0.9, "uniform", None),
-        "model:sigmascale whiten+shrink svdllm-proxy-greedy 0.75": (
+        "model:sigmascale whiten+shrink own-proxy-greedy 0.75": (
             "sigmascale",
             whiten,
             0.75,
             "greedy",
-            "svdllm",
+            "sigmascale",
         ),
+        "model:sigmascale whiten+shrink uniform 0.9": ("sigmascale", whiten, 0.9, "uniform", None),
         "model:sigmascale whiten-init uniform 0.75": ("sigmascale", WHITEN, 0.75, "uniform", None),
     }
     for name, spec in later.items():
