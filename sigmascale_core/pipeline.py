@@ -175,8 +175,9 @@ def probe_config_for(
 ) -> ProbeConfig:
     """The probe behind an allocated `method` plan, on the calibration `text` (other windows than the
     statistics': ProbeConfig.seed). Unless `probe_method` says otherwise, the plan's own method where its
-    rank-k factors nest (one decomposition per matrix serves the whole grid), else svdllm (a learned
-    SigmaScale fit per grid point would cost 8 fits per matrix). The probing text is checked against
+    rank-k factors nest (one decomposition per matrix serves the whole grid), else svdllm (sigmascale's
+    own probe, `probe_method="sigmascale"`, learns its scaling once per matrix; see the README's
+    issue 19 study). The probing text is checked against
     the default evaluation texts and `evaluation`. The plan's `options` go to the probe where its
     method takes them (svdllm's probe of a sigmascale plan keeps only shrink)."""
     chosen = probe_method or (method if method in NESTED_METHODS else "svdllm")
