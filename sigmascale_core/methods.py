@@ -4,7 +4,8 @@ Each method only chooses a *scaling* (S_row, S_col) of W; the shared truncation 
 singular triplets of W_s = S_row·W·S_col and folds the scaling back:
     W′ = S_row⁻¹ · U_k Σ_k V_kᵀ · S_col⁻¹  =  left (m×k) @ right (k×n)
 so inference pays nothing for the scaling. S_row is a diagonal (a vector) or absent; S_col is a
-diagonal, SVD-LLM's lower-triangular whitening factor L (gram = L·Lᵀ), or absent.
+diagonal, SVD-LLM's lower-triangular whitening factor L (gram = L·Lᵀ), sigmascale's L·diag(eᶜ)
+(init="whiten", still lower-triangular), or absent.
 """
 
 from __future__ import annotations
