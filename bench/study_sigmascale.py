@@ -64,17 +64,18 @@ SCOPE = (  # what the issue asked for and this CPU budget left out
     " statistics; rows after 'model:sigmascale whiten+shrink uniform 0.9' not run"
 )
 
+ASVD = {"init": "asvd"}  # the diagonal fit, sigmascale's default before this study
 # name -> (method, options without the chosen shrink, uses the chosen λ)
 MATRIX_CONFIGS: dict[str, tuple[str, dict, bool]] = {
     "svdllm": ("svdllm", {}, False),
     "svdllm+shrink": ("svdllm", {}, True),
-    "sigmascale asvd-init 20 steps": ("sigmascale", {"steps": 20}, False),
-    "sigmascale asvd-init 60 steps": ("sigmascale", {"steps": 60}, False),
-    "sigmascale asvd-init 200 steps": ("sigmascale", {"steps": 200}, False),
-    "sigmascale asvd-init 60 steps lr 0.02": ("sigmascale", {"steps": 60, "lr": 0.02}, False),
-    "sigmascale asvd-init 60 steps lr 0.15": ("sigmascale", {"steps": 60, "lr": 0.15}, False),
+    "sigmascale asvd-init 20 steps": ("sigmascale", {**ASVD, "steps": 20}, False),
+    "sigmascale asvd-init 60 steps": ("sigmascale", {**ASVD, "steps": 60}, False),
+    "sigmascale asvd-init 200 steps": ("sigmascale", {**ASVD, "steps": 200}, False),
+    "sigmascale asvd-init 60 steps lr 0.02": ("sigmascale", {**ASVD, "steps": 60, "lr": 0.02}, False),
+    "sigmascale asvd-init 60 steps lr 0.15": ("sigmascale", {**ASVD, "steps": 60, "lr": 0.15}, False),
     "sigmascale identity-init 60 steps": ("sigmascale", {"steps": 60, "init": "identity"}, False),
-    "sigmascale whiten-init 20 steps": ("sigmascale", {**WHITEN, "steps": 20}, False),
+    "sigmascale whiten-init 20 steps": ("sigmascale", {**WHITEN, "shrink": 0.0, "steps": 20}, False),
     "sigmascale whiten+shrink 20 steps": ("sigmascale", {**WHITEN, "steps": 20}, True),
     "sigmascale whiten+shrink 60 steps": ("sigmascale", {**WHITEN, "steps": 60}, True),
 }
@@ -300,7 +301,13 @@ def main() -> None:
             "sigmascale",
         ),
         "model:sigmascale whiten+shrink uniform 0.9": ("sigmascale", whiten, 0.9, "uniform", None),
-        "model:sigmascale whiten-init uniform 0.75": ("sigmascale", WHITEN, 0.75, "uniform", None),
+        "model:sigmascale whiten-init uniform 0.75": (
+            "sigmascale",
+            {**WHITEN, "shrink": 0.0},
+            0.75,
+            "uniform",
+            None,
+        ),
     }
     for name, spec in later.items():
         study.row(name, lambda s=spec: study.model_row(*s))
