@@ -4,7 +4,8 @@ Each method only chooses a *scaling* (S_row, S_col) of W; the shared truncation 
 singular triplets of W_s = S_row·W·S_col and folds the scaling back:
     W′ = S_row⁻¹ · U_k Σ_k V_kᵀ · S_col⁻¹  =  left (m×k) @ right (k×n)
 so inference pays nothing for the scaling. S_row is a diagonal (a vector) or absent; S_col is a
-diagonal, SVD-LLM's lower-triangular whitening factor L (gram = L·Lᵀ), or absent.
+diagonal, SVD-LLM's lower-triangular whitening factor L (gram = L·Lᵀ), sigmascale's L·diag(eᶜ)
+(init="whiten", still lower-triangular), or absent.
 """
 
 from __future__ import annotations
@@ -25,18 +26,21 @@ METHODS = ("svd", "asvd", "svdllm", "sigmascale")
 METHOD_OPTIONS: dict[str, dict[str, object]] = {
     "svd": {},
     "asvd": {"alpha": 0.5},  # column scale = abs_mean ** alpha
-    "svdllm": {},
+    "svdllm": {"shrink": 0.0},  # λ: whiten (1−λ)·G + λ·diag(G) instead of G (0: G itself, SVD-LLM)
     "sigmascale": {
         "steps": 20,  # Adam steps on (r, c)
         "lr": 0.05,  # Adam learning rate, in log-scale units
-        "init": "asvd",  # "identity" (r = c = 0, as the paper) or "asvd" (c = alpha·log abs_mean)
+        "init": "whiten",  # "identity" (r = c = 0, as the paper), "asvd" (c = alpha·log abs_mean) or
+        # "whiten" (r, c learned on top of svdllm's whitening factor L: S_col = L·diag(eᶜ)); issue 19 study
         "alpha": 0.5,  # ASVD exponent used by init="asvd"
         "l2": 1e-4,  # weight of mean(r²) + mean(c²), keeps the scales bounded
         "seed": 0,  # seeds the start: the optimiser is deterministic for a given seed
         "init_noise": 0.0,  # std of Gaussian noise added to the initial (r, c)
+        "shrink": 0.01,  # λ of the whitened Gram, as svdllm's (init="whiten"; other inits ignore it)
     },
 }
-SIGMASCALE_INITS = ("identity", "asvd")
+SIGMASCALE_INITS = ("identity", "asvd", "whiten")
+SHRINK_GRID: tuple[float, ...] = (0.0, 0.01, 0.03, 0.1, 0.3)  # the λ that choose_shrink tries
 
 
 @dataclass(frozen=True)
@@ -109,6 +113,8 @@ def check_options(method: str, options: dict[str, object] | None) -> dict[str, o
         if kind in (int, float) and (value != value or value in (float("inf"), float("-inf"))):
             raise ValueError(f"option {key} of {method} must be finite, got {value!r}")
     merged = {**allowed, **options}
+    if "shrink" in merged and not 0 <= merged["shrink"] < 1:
+        raise ValueError(f"option shrink of {method} must be in [0, 1), got {merged['shrink']!r}")
     if method == "sigmascale":
         if merged["steps"] < 0 or not merged["lr"] > 0:
             raise ValueError(f"sigmascale needs steps ≥ 0 and lr > 0, got {merged['steps']}, {merged['lr']}")
@@ -166,6 +172,15 @@ def whitening_factor(gram: torch.Tensor) -> tuple[torch.Tensor, float]:
     raise ValueError("the Gram matrix is not positive semi-definite even with jitter: are the stats corrupt?")
 
 
+def shrunk_gram(gram: torch.Tensor, shrink: float) -> torch.Tensor:
+    """(1−λ)·G + λ·diag(G): the Gram pulled towards its diagonal (λ = 0: G itself, exactly; λ → 1: only
+    the channel energies, ASVD-like). Whitening this instead of G trusts the calibration set's
+    correlations less, which can generalise better to other tokens when that set is small."""
+    if shrink == 0:
+        return gram
+    return (1 - shrink) * gram + shrink * torch.diag(gram.diagonal())
+
+
 def _fit_scaling(
     W: torch.Tensor, stats: ActivationStats | None, rank: int | None, method: str, opts: dict[str, object]
 ) -> Scaling:
@@ -176,7 +191,7 @@ def _fit_scaling(
         return Scaling(col=asvd_col_scale(abs_mean, opts["alpha"]))
     gram = stats.gram.to(W.device)
     if method == "svdllm":
-        L, jitter = whitening_factor(gram)
+        L, jitter = whitening_factor(shrunk_gram(gram, opts["shrink"]))
         return Scaling(col=L, jitter=jitter)
     if rank is None:
         raise ValueError("method 'sigmascale' learns its scaling for one rank: pass rank=")
@@ -194,11 +209,30 @@ def decompose(
     W: torch.Tensor, stats: ActivationStats | None, rank: int, method: str = "svd", **options: object
 ) -> LowRankFactors:
     """Rank-`rank` factors of W by `method`; float64 math on W's device, factors in W's dtype."""
+    return truncate(W, fit_scaling(W, stats, method, rank, **options), rank, method)
+
+
+def fit_scaling(
+    W: torch.Tensor,
+    stats: ActivationStats | None,
+    method: str = "svd",
+    rank: int | None = None,
+    **options: object,
+) -> Scaling:
+    """The scaling `method` truncates W under (float64, W's device); sigmascale learns it at `rank`
+    (checked whenever given). Fitted once, it serves every rank through `truncate` (how the probe and
+    the curves use sigmascale)."""
     opts = _options(method, options)
     _check_inputs(W, stats, method)
+    if rank is not None:
+        check_rank(rank, *W.shape)
+    return _fit_scaling(W.to(torch.float64), stats, rank, method, opts)
+
+
+def truncate(W: torch.Tensor, scaling: Scaling, rank: int, method: str) -> LowRankFactors:
+    """Rank-`rank` factors of W under a fitted `scaling` (float64 math, factors in W's dtype)."""
     check_rank(rank, *W.shape)
     W64 = W.to(torch.float64)
-    scaling = _fit_scaling(W64, stats, rank, method, opts)
     left, right, sigma = _truncate(W64, scaling, rank)
     diagonal_col = scaling.col if scaling.col is not None and scaling.col.ndim == 1 else None
     return LowRankFactors(
@@ -299,11 +333,12 @@ def learn_scaling(
     rank: int,
     steps: int = 20,
     lr: float = 0.05,
-    init: str = "asvd",
+    init: str = "whiten",
     alpha: float = 0.5,
     l2: float = 1e-4,
     seed: int = 0,
     init_noise: float = 0.0,
+    shrink: float = 0.01,
 ) -> Scaling:
     """SigmaScale: learn log-scales r (m), c (n) minimising ‖(W − W′)X‖²/‖WX‖² + l2·(mean r² + mean c²),
     W′ = diag(e⁻ʳ)·T_k(diag(eʳ) W diag(eᶜ))·diag(e⁻ᶜ), by Adam through the rank-k truncation.
@@ -312,6 +347,12 @@ def learn_scaling(
     count) and the eigh-based truncation gradient. The gauge (r + t, c − t) leaves W′ unchanged, so t is
     fixed after every step to the value that minimises the L2 term. The returned scaling is the best
     iterate, checked in float64 against the initialisation, so the result is never worse than its start.
+
+    init="whiten" learns the same diagonal scales on W̃ = W·L under the Gram G̃ = L⁻¹·G·L⁻ᵀ, L the
+    whitening factor of shrunk_gram(G, shrink): ‖(W − W′)X‖² is unchanged by that change of variables,
+    the start (r = c = 0) is svdllm's truncation (with the same shrink), and S_col = L·diag(eᶜ) stays
+    lower-triangular. At shrink = 0, G̃ = I and whitening is already optimal; with shrink > 0 the scales
+    recover part of what shrinking gave up on the calibration tokens.
     """
     check_options(
         "sigmascale",
@@ -323,14 +364,47 @@ def learn_scaling(
             "l2": l2,
             "seed": seed,
             "init_noise": init_noise,
+            "shrink": shrink,
         },
     )
+    L, jitter = None, 0.0
+    if init == "whiten":
+        gram = gram.to(device=W.device, dtype=torch.float64)
+        L, jitter = whitening_factor(shrunk_gram(gram, shrink))
+        W = W.to(torch.float64) @ L  # W̃ = W·L
+        Linv_G = torch.linalg.solve_triangular(L, gram, upper=False)  # L⁻¹·G
+        gram = torch.linalg.solve_triangular(L, Linv_G.mT, upper=False)  # L⁻¹·(L⁻¹·G)ᵀ = L⁻¹·G·L⁻ᵀ
+        gram = (gram + gram.mT) / 2
+        init = "identity"
     with torch.inference_mode(False), torch.enable_grad():  # callable from under no_grad/inference_mode
         start, best = _adam_on_scales(W, gram, abs_mean, rank, steps, lr, init, alpha, l2, seed, init_noise)
     if best is not start:
         exact = truncation_loss(W.to(torch.float64), gram.to(torch.float64), rank)
         best = min((best, start), key=lambda rc: float(exact(rc[0].double(), rc[1].double())))
-    return Scaling(row=best[0].double().exp(), col=best[1].double().exp())
+    row, col = best[0].double().exp(), best[1].double().exp()
+    return Scaling(row=row, col=col if L is None else L * col, jitter=jitter)  # L·diag(eᶜ)
+
+
+def choose_shrink(
+    W: torch.Tensor,
+    stats: ActivationStats,
+    heldout: ActivationStats,
+    rank: int,
+    method: str = "svdllm",
+    grid: tuple[float, ...] = SHRINK_GRID,
+    **options: object,
+) -> tuple[float, dict[float, float]]:
+    """(λ, {λ: held-out loss}): the shrink of `grid` whose scaling, fitted on `stats`, loses least at
+    `rank` on the `heldout` tokens (ties: the smaller λ). Whitening is the exact optimum on the tokens
+    it was fitted on, so only other tokens can say how much shrinking it generalises better."""
+    if not grid:
+        raise ValueError("choose_shrink needs a non-empty grid of λ")
+    learned_at = rank if method == "sigmascale" else None
+    losses = {}
+    for shrink in grid:
+        curve = loss_curve(W, stats, method, learned_at, eval_stats=heldout, **{**options, "shrink": shrink})
+        losses[float(shrink)] = float(curve[rank])
+    return min(sorted(losses), key=losses.__getitem__), losses
 
 
 def truncation_loss(

@@ -19,7 +19,7 @@ from torch import nn
 from sigmascale_core.allocation import STRATEGIES, allocate
 from sigmascale_core.calibration import collect_stats, load_stats, save_stats, stats_cache_path, stats_key
 from sigmascale_core.finetune import distill, evaluate_distillation
-from sigmascale_core.methods import METHODS, LowRankFactors, check_options
+from sigmascale_core.methods import METHOD_OPTIONS, METHODS, LowRankFactors, check_options
 from sigmascale_core.models import LoadedModel, load_model, target_matrices, tokenizer_fingerprint
 from sigmascale_core.perplexity import perplexity
 from sigmascale_core.plan import CompressionPlan
@@ -171,15 +171,19 @@ def probe_config_for(
     evaluation: Sequence[str] = (),
     proxy: bool = False,
     probe_method: str | None = None,
+    options: dict | None = None,
 ) -> ProbeConfig:
     """The probe behind an allocated `method` plan, on the calibration `text` (other windows than the
     statistics': ProbeConfig.seed). Unless `probe_method` says otherwise, the plan's own method where its
-    rank-k factors nest (one decomposition per matrix serves the whole grid), else svdllm (a learned
-    SigmaScale fit per grid point would cost 8 fits per matrix). The probing text is checked against
-    the default evaluation texts and `evaluation`."""
+    rank-k factors nest (one decomposition per matrix serves the whole grid), else svdllm (sigmascale's
+    own probe, `probe_method="sigmascale"`, learns its scaling once per matrix; see the README's
+    issue 19 study). The probing text is checked against
+    the default evaluation texts and `evaluation`. The plan's `options` go to the probe where its
+    method takes them (svdllm's probe of a sigmascale plan keeps only shrink)."""
     chosen = probe_method or (method if method in NESTED_METHODS else "svdllm")
     texts = tuple(dict.fromkeys((*DEFAULT_EVALUATION_TEXTS, *evaluation)))
-    return ProbeConfig(text=text, method=chosen, proxy=proxy, evaluation=texts)
+    kept = {k: v for k, v in (options or {}).items() if k in METHOD_OPTIONS[chosen]}
+    return ProbeConfig(text=text, method=chosen, options=kept, proxy=proxy, evaluation=texts)
 
 
 def build_plan(
@@ -201,7 +205,7 @@ def build_plan(
     template = uniform_plan(loaded, retention, method, options)
     if allocation == "uniform":
         return template, {}
-    config = probe_config or probe_config_for(method)
+    config = probe_config or probe_config_for(method, options=options)
     table, info = probe(loaded, stats, config, calibration=calibration, progress=progress)
     return allocate(template, table, retention, allocation), {"probe": info}
 
@@ -465,7 +469,12 @@ def run_compression(config: CompressionConfig, events: EventSink | None = None) 
         if calibration is not None:  # (text, samples, seq_len, seed) of the stats, for the probe
             windows = (config.text, config.samples, int(calibration["seq_len"]), config.seed)
         probe_config = probe_config_for(
-            config.method, config.text, evaluation, config.probe == "proxy", config.probe_method
+            config.method,
+            config.text,
+            evaluation,
+            config.probe == "proxy",
+            config.probe_method,
+            config.options,
         )
         plan, planning = build_plan(
             loaded,

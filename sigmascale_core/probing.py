@@ -40,7 +40,7 @@ from torch import nn
 
 from sigmascale_core.artifacts import cache_root, write_json_atomic
 from sigmascale_core.calibration import stats_key
-from sigmascale_core.methods import check_options, decompose, loss_curve
+from sigmascale_core.methods import check_options, decompose, fit_scaling, loss_curve, truncate
 from sigmascale_core.models import (
     FAMILIES,
     LoadedModel,
@@ -154,15 +154,24 @@ def _swapped_weight(module: nn.Module, weight: torch.Tensor) -> Iterator[None]:
         module.weight.data = original
 
 
+def learning_rank(ranks: Sequence[int]) -> int:
+    """The probed rank sigmascale's scaling is learned at (the median of the grid's ranks), then held
+    fixed for every probed rank, as its loss curves in the app are: one fit per matrix, not one per rank."""
+    ordered = sorted(ranks)
+    return ordered[len(ordered) // 2]
+
+
 def _factor_source(
     W: torch.Tensor, stats: ActivationStats | None, ranks: tuple[int, ...], method: str, options: dict
 ) -> Callable[[int], torch.Tensor]:
     """rank -> reconstruction left@right of W (W's dtype). Methods whose scaling does not depend on the
-    rank decompose once at the largest rank: their rank-k factors are the first k columns/rows."""
+    rank decompose once at the largest rank: their rank-k factors are the first k columns/rows;
+    sigmascale learns its scaling once (at `learning_rank`) and truncates under it at every rank."""
     if method in NESTED_METHODS:
         top = decompose(W, stats, max(ranks), method, **options)
         return lambda k: top.left[:, :k] @ top.right[:k]
-    return lambda k: decompose(W, stats, k, method, **options).to_dense()
+    scaling = fit_scaling(W, stats, method, learning_rank(ranks), **options)
+    return lambda k: truncate(W, scaling, k, method).to_dense()
 
 
 def _matrix_stats(
@@ -286,8 +295,8 @@ def proxy_sensitivity(
     progress: Progress | None = None,
 ) -> SensitivityTable:
     """The cheap stand-in for probing: each matrix's relative activation loss ‖(W−W′_k)X‖²/‖WX‖² at the
-    grid's ranks, read off `methods.loss_curve` (one decomposition per matrix; for sigmascale, whose
-    scaling is learned per rank, one per probed rank). No forward pass; every matrix weighs the same,
+    grid's ranks, read off `methods.loss_curve` (one decomposition per matrix; sigmascale's scaling
+    learned once, at `learning_rank`, as in the perplexity probe). No forward pass; every matrix weighs the same,
     so it ranks ranks within a matrix well and matrices against each other only roughly."""
     options = check_options(method, options)
     grid = check_grid(retentions)
@@ -301,10 +310,9 @@ def proxy_sensitivity(
         layer_stats = _matrix_stats(ref, stats, required=True).to(W.device)  # the loss needs a Gram
         if not ranks:
             values: list[float] = []
-        elif method == "sigmascale":
-            values = [float(loss_curve(W, layer_stats, method, rank=k, **options)[k]) for k in ranks]
         else:
-            curve = loss_curve(W, layer_stats, method, **options)
+            learned_at = learning_rank(ranks) if method == "sigmascale" else None
+            curve = loss_curve(W, layer_stats, method, learned_at, **options)
             values = [float(curve[k]) for k in ranks]
         ranks_of[ref.name], values_of[ref.name] = ranks, tuple(values)
         if progress is not None:
@@ -395,6 +403,8 @@ def probe(
         "proxy": config.proxy,
         "matrices": None if config.matrices is None else sorted(config.matrices),
     }
+    if config.method == "sigmascale":  # older tables learned one scaling per probed rank
+        key["learned_at"] = "median probed rank"
     if not config.proxy:
         key.update(
             tokenizer=tokenizer_fingerprint(loaded.tokenizer),

@@ -85,5 +85,5 @@ def asvd_log2_scales(toy: Toy, alpha: float = 0.5) -> np.ndarray:
 def learned_log2_scales(toy: Toy, rank: int) -> tuple[np.ndarray, np.ndarray]:
     """SigmaScale's learned (row, column) scales for the toy at `rank`, as log2."""
     stats = ActivationStats.from_inputs(toy.X)
-    f = decompose(toy.W, stats, rank, "sigmascale", steps=200)
+    f = decompose(toy.W, stats, rank, "sigmascale", steps=200, init="asvd")  # diagonal scales to show
     return np.log2(f.row_scale.numpy()), np.log2(f.col_scale.numpy())

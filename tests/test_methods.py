@@ -134,7 +134,7 @@ def test_rank_deficient_gram_gives_finite_factors(method):
 def test_factors_carry_shapes_scales_and_dtype(layer):
     W, _, stats = layer
     W32 = W.float()
-    f = decompose(W32, stats, 5, "sigmascale", **FAST)
+    f = decompose(W32, stats, 5, "sigmascale", init="asvd", **FAST)
     assert f.left.shape == (48, 5) and f.right.shape == (5, 32) and f.rank == 5
     assert f.left.dtype == f.right.dtype == torch.float32 and f.left.device == W32.device
     assert f.row_scale.shape == (48,) and f.col_scale.shape == (32,)
@@ -246,7 +246,8 @@ def test_rank_deficient_w_gives_finite_factors_and_the_optimal_loss(
     rank_of_W = int(torch.linalg.matrix_rank(W64))
     tolerance = 1e-10 if dtype == torch.float64 else 1e-5  # of ‖W_s‖²; float32 factors round at ~6e-8
     for method in METHODS:
-        factors = decompose(W, stats, k, method, **({"steps": 3} if method == "sigmascale" else {}))
+        diagonal = {"steps": 3, "init": "asvd"}  # scaled_metric reads diagonal scales
+        factors = decompose(W, stats, k, method, **(diagonal if method == "sigmascale" else {}))
         assert torch.isfinite(factors.left).all() and torch.isfinite(factors.right).all(), method
         Ws, error = scaled_metric(W64, factors, method, X.double())
         optimum = torch.linalg.svdvals(Ws)[k:].square().sum()
@@ -287,5 +288,7 @@ def test_the_whitening_jitter_each_matrix_needed_is_reported():
     assert all(torch.linalg.cholesky_ex(gram + lam * eye).info != 0 for lam in levels if lam < jitter)
     assert torch.linalg.cholesky_ex(gram).info != 0  # it did need one
     assert decompose(W, full, 8, "svdllm").jitter == 0.0
-    for method in ("svd", "asvd", "sigmascale"):
-        assert decompose(W, singular, 8, method, **options(method)).jitter == 0.0
+    for method in ("svd", "asvd"):
+        assert decompose(W, singular, 8, method).jitter == 0.0
+    assert decompose(W, singular, 8, "sigmascale", init="asvd", **FAST).jitter == 0.0
+    assert decompose(W, singular, 8, "sigmascale", **FAST).jitter > 0  # init="whiten" whitens too

@@ -14,12 +14,13 @@ from tokenizers import Tokenizer, pre_tokenizers
 from tokenizers.models import WordLevel
 from transformers import PreTrainedTokenizerFast
 
-from sigmascale_core import probing
+from sigmascale_core import methods, probing
 from sigmascale_core.calibration import collect_stats, stats_key
-from sigmascale_core.methods import decompose
+from sigmascale_core.methods import fit_scaling, truncate
 from sigmascale_core.metrics import activation_loss
 from sigmascale_core.models import LoadedModel, get_module, model_fingerprint
 from sigmascale_core.perplexity import perplexity
+from sigmascale_core.pipeline import probe_config_for
 from sigmascale_core.plan import CompressionPlan
 from sigmascale_core.probing import ProbeConfig, probe, probe_sensitivity, proxy_sensitivity
 from sigmascale_core.sensitivity import SensitivityTable, probe_ranks
@@ -53,13 +54,25 @@ def setup():
 
 def reference_perplexity(model, stats, tokens, name, rank, method, options):
     """Independent path: a copy of the model with that one matrix really replaced by a LowRankLinear
-    (surgery), scored by perplexity() over the same windows."""
+    (surgery), scored by perplexity() over the same windows. SigmaScale's probe learns its scaling
+    once per matrix (at the grid's median rank), so its reference truncates under that scaling."""
     compressed = copy.deepcopy(model)
     shapes = target_shapes(model)
-    dense = CompressionPlan.uniform(shapes, 1.0, method, "fp", options)  # every matrix at break-even
-    plan = dense.with_ranks({n: rank if n == name else None for n in shapes})
-    compress(compressed, plan, stats)
+    if method == "sigmascale":
+        W = get_module(compressed, name).weight.detach()
+        learned_at = probing.learning_rank(probe_ranks(shapes[name], GRID))
+        scaling = fit_scaling(W, stats[matrix_stats_key(name)], method, learned_at, **options)
+        get_module(compressed, name).weight.data = truncate(W, scaling, rank, method).to_dense()
+    else:
+        dense = CompressionPlan.uniform(shapes, 1.0, method, "fp", options)  # every matrix at break-even
+        plan = dense.with_ranks({n: rank if n == name else None for n in shapes})
+        compress(compressed, plan, stats)
     return perplexity(compressed, tokens.reshape(-1), window=tokens.shape[1], batch_size=2).perplexity
+
+
+def matrix_stats_key(name: str) -> str:
+    layer = int(name.split(".")[2])
+    return stats_key(layer, "mlp_out" if name.endswith("down_proj") else "attn_in")
 
 
 def state(model):
@@ -127,14 +140,42 @@ def test_proxy_is_the_relative_activation_loss_at_each_rank(setup, method, optio
     table = proxy_sensitivity(model, stats, method, GRID, options, matrices=MATRICES)
     assert table.metric == "relative_loss" and table.dense == 0.0
     for ref_name in MATRICES:
-        layer = int(ref_name.split(".")[2])
-        group = "mlp_out" if ref_name.endswith("down_proj") else "attn_in"
-        s = stats[stats_key(layer, group)]
+        s = stats[matrix_stats_key(ref_name)]
         W = get_module(model, ref_name).weight.detach()
+        learned_at = probing.learning_rank(table.ranks[ref_name]) if method == "sigmascale" else None
+        scaling = fit_scaling(W, s, method, learned_at, **options)  # sigmascale: learned once per matrix
         for rank, value in zip(table.ranks[ref_name], table.values[ref_name], strict=True):
-            expected = activation_loss(W, decompose(W, s, rank, method, **options).to_dense(), s)
+            expected = activation_loss(W, truncate(W, scaling, rank, method).to_dense(), s)
             assert value == pytest.approx(expected, rel=1e-4, abs=1e-7), (ref_name, rank)
         assert list(table.values[ref_name]) == sorted(table.values[ref_name], reverse=True)
+
+
+@pytest.mark.parametrize("proxy", [False, True])
+def test_sigmascale_probe_learns_once_per_matrix(setup, monkeypatch, proxy):
+    model, stats, tokens = setup
+    calls = []
+    real = methods.learn_scaling
+
+    def counting(W, gram, abs_mean, rank, **options):
+        calls.append(rank)
+        return real(W, gram, abs_mean, rank, **options)
+
+    monkeypatch.setattr(methods, "learn_scaling", counting)
+    grid = (0.2, 0.4, 0.6, 0.8)
+    if proxy:
+        table = proxy_sensitivity(model, stats, "sigmascale", grid, {"steps": 2}, matrices=MATRICES)
+    else:
+        table = probe_sensitivity(model, stats, tokens, "sigmascale", grid, {"steps": 2}, matrices=MATRICES)
+    assert all(len(table.ranks[name]) == 4 for name in MATRICES)
+    assert calls == [sorted(table.ranks[name])[2] for name in MATRICES]  # one fit each, at the median rank
+
+
+def test_probe_takes_the_plans_options_where_its_method_does():
+    whiten = {"init": "whiten", "shrink": 0.1, "steps": 3}
+    assert probe_config_for("sigmascale", options=whiten).options == {"shrink": 0.1}  # svdllm's probe
+    assert probe_config_for("sigmascale", options=whiten, probe_method="sigmascale").options == whiten
+    assert probe_config_for("svdllm", options={"shrink": 0.2}).options == {"shrink": 0.2}
+    assert probe_config_for("asvd", options={"alpha": 0.3}).options == {"alpha": 0.3}
 
 
 def test_table_json_round_trip_and_validation(setup, tmp_path):
