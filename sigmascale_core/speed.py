@@ -12,7 +12,7 @@ tested with a synthetic timer; `matmul_timer` is the real one.
 
 from __future__ import annotations
 
-import statistics
+import math
 import time
 from collections.abc import Callable
 
@@ -38,9 +38,12 @@ def matmul_seconds(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     repeats: int = 5,
+    min_seconds: float = 0.02,
 ) -> float:
-    """Median seconds of y = x Wᵀ (rank None) or y = (x Rᵀ) Lᵀ, x (tokens, n), W (m, n), R (k, n), L (m, k):
-    the products nn.Linear and LowRankLinear compute, after one untimed warm-up."""
+    """Seconds of y = x Wᵀ (rank None) or y = (x Rᵀ) Lᵀ, x (tokens, n), W (m, n), R (k, n), L (m, k): the
+    products nn.Linear and LowRankLinear compute. Each of `repeats` measurements averages enough calls to
+    last `min_seconds`; the least of them is returned (as timeit advises: the higher ones measure other
+    processes, not the product)."""
     device = torch.device(device)
     x = torch.randn(tokens, n, dtype=dtype, device=device)
     if rank is None:
@@ -55,16 +58,18 @@ def matmul_seconds(
         def run() -> torch.Tensor:
             return F.linear(F.linear(x, right), left)  # (tokens, k) -> (tokens, m)
 
-    times = []
-    with torch.no_grad():
-        for i in range(repeats + 1):
-            _synchronize(device)
-            start = time.perf_counter()
+    def seconds_per_call(calls: int) -> float:
+        _synchronize(device)
+        start = time.perf_counter()
+        for _ in range(calls):
             run()
-            _synchronize(device)
-            if i:  # the first call warms caches and kernels up
-                times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        _synchronize(device)
+        return (time.perf_counter() - start) / calls
+
+    with torch.no_grad():
+        first = seconds_per_call(1)  # also warms caches and kernels up
+        calls = max(1, math.ceil(min_seconds / max(first, 1e-9)))
+        return min(seconds_per_call(calls) for _ in range(repeats))
 
 
 def matmul_timer(dtype: torch.dtype, device: str | torch.device, repeats: int = 5) -> Timer:
