@@ -1,13 +1,17 @@
 """Time break-even against parameter break-even, per matrix shape, and what keep_dense_if_slower costs.
 
     OMP_NUM_THREADS=1 python bench/bench_break_even.py --json bench/results/break_even.json
+    OMP_NUM_THREADS=1 python bench/bench_break_even.py --models Llama-3.1-8B --dtypes float32 \
+        --tokens 1 --json bench/results/break_even_llama.json
 
 Shapes (out, in) of the bundled SmolLM2-135M (30 layers) and of Llama-3.1-8B (32 layers). For each
 shape, dtype and token count (1: a decode step; 512: a prefill): the largest rank at which x Rᵀ Lᵀ is
-faster than x Wᵀ (speed.time_break_even_rank, bisection on the least of `--repeats` timings, speed.matmul_seconds) next to
-the parameter break-even mn/(m+n); the dense/factorised time ratio at the ranks of uniform retention
-0.9 / 0.75 / 0.5 (below 1: the factors are slower); and, per model and retention, what
-speed.keep_dense_where_slower would keep dense and the parameters that costs (the same timings, reused).
+faster than x Wᵀ (speed.time_break_even_rank: bisection on speed.matmul_speedup, the median ratio of
+`--repeats` alternated timings) next to the parameter break-even mn/(m+n); the speed-up (dense time /
+factorised time) at the ranks of uniform retention 0.9 / 0.75 / 0.5 (below 1: the factors are
+slower); and, per model and retention, what speed.keep_dense_where_slower keeps dense and the
+parameters that costs (the same measurements, reused). Llama's shapes run at 1 token only on this CPU:
+a 512-token product of 14336×4096 takes seconds, and a bisection needs ~15 of them, 5 pairs each.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from sigmascale_core.pipeline import DTYPES, check_device
 from sigmascale_core.plan import CompressionPlan
 from sigmascale_core.speed import (
     keep_dense_where_slower,
-    matmul_timer,
+    matmul_speedups,
     parameter_break_even,
     time_break_even_rank,
 )
@@ -61,17 +65,17 @@ MODELS = {
 RETENTIONS = (0.9, 0.75, 0.5)
 
 
-def memoised(timer):
-    """The timer, each (m, n, rank, tokens) measured once: keep_dense_where_slower reuses the search's."""
+def memoised(speedup):
+    """The measurement, each (m, n, rank, tokens) once: keep_dense_where_slower reuses the search's."""
     seen: dict[tuple, float] = {}
 
-    def timed(m, n, rank, tokens):
+    def measured(m, n, rank, tokens):
         key = (m, n, rank, tokens)
         if key not in seen:
-            seen[key] = timer(m, n, rank, tokens)
+            seen[key] = speedup(m, n, rank, tokens)
         return seen[key]
 
-    return timed
+    return measured
 
 
 def model_plan(model: str, retention: float) -> CompressionPlan:
@@ -86,17 +90,17 @@ def main() -> None:
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--tokens", default="1,512")
     parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", type=Path, help="write the results here (default: stdout)")
     args = parser.parse_args()
     device = check_device(args.device)
     shapes_rows, costs = [], []
     for dtype_name in args.dtypes.split(","):
-        timer = memoised(matmul_timer(DTYPES[dtype_name], device, args.repeats))
+        speedup = memoised(matmul_speedups(DTYPES[dtype_name], device, args.repeats))
         for tokens in (int(t) for t in args.tokens.split(",")):
             for model in args.models.split(","):
                 for m, n in dict.fromkeys(MODELS[model][1].values()):
-                    k_time = time_break_even_rank(m, n, tokens, timer)
+                    k_time = time_break_even_rank(m, n, tokens, speedup)
                     row = {
                         "model": model,
                         "shape": f"{m}x{n}",
@@ -104,18 +108,15 @@ def main() -> None:
                         "tokens": tokens,
                         "time_break_even_rank": k_time,
                         "parameter_break_even_rank": parameter_break_even(m, n),
-                        "dense_seconds": timer(m, n, None, tokens),
                         "speedup_at_retention": {
-                            str(r): timer(m, n, None, tokens)
-                            / timer(m, n, rank_for_retention(m, n, r), tokens)
-                            for r in RETENTIONS
+                            str(r): speedup(m, n, rank_for_retention(m, n, r), tokens) for r in RETENTIONS
                         },
                     }
                     shapes_rows.append(row)
                     print(json.dumps(row), flush=True)
                 for retention in RETENTIONS:
                     plan = model_plan(model, retention)
-                    _, report = keep_dense_where_slower(plan, tokens, timer, DTYPES[dtype_name], device)
+                    _, report = keep_dense_where_slower(plan, tokens, speedup, DTYPES[dtype_name], device)
                     cost = {
                         "model": model,
                         "dtype": dtype_name,

@@ -25,7 +25,7 @@ from sigmascale_core.perplexity import perplexity
 from sigmascale_core.plan import CompressionPlan
 from sigmascale_core.probing import NESTED_METHODS, ProbeConfig, probe
 from sigmascale_core.progress import EventSink, Progress, tracked
-from sigmascale_core.speed import Timer, keep_dense_where_slower
+from sigmascale_core.speed import Speedup, keep_dense_where_slower
 from sigmascale_core.stats import ActivationStats
 from sigmascale_core.surgery import (
     check_output_dir,
@@ -444,13 +444,13 @@ def check_loaded(loaded: LoadedModel, config: CompressionConfig, plan: Compressi
 
 
 def run_compression(
-    config: CompressionConfig, events: EventSink | None = None, timer: Timer | None = None
+    config: CompressionConfig, events: EventSink | None = None, speedup: Speedup | None = None
 ) -> dict:
     """Check, load, calibrate, plan, compress, (fine-tune,) evaluate and save: the whole run.
 
     Every input is checked before work starts (check_config, then check_loaded right after the model
     loads); ValueError names the problem. Progress goes to `events` as ProgressEvents. With
-    keep_dense_if_slower (the config's or the plan's), matrices whose factors `timer` (default: real
+    keep_dense_if_slower (the config's or the plan's), matrices whose factors `speedup` (default: real
     matmuls on the run's device and dtype) finds slower than dense stay dense. Returns the report that is
     also saved as report.json in config.out.
     """
@@ -490,7 +490,7 @@ def run_compression(
     if config.keep_dense_if_slower or plan.keep_dense_if_slower:
         plan, speed = keep_dense_where_slower(
             dataclasses.replace(plan, keep_dense_if_slower=True),
-            timer=timer,
+            speedup=speedup,
             dtype=DTYPES[config.dtype],
             device=config.device,
         )

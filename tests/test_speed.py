@@ -1,4 +1,4 @@
-"""Time break-even and keep_dense_if_slower, decided by synthetic timers (no test depends on real timing)."""
+"""Time break-even and keep_dense_if_slower, decided by synthetic speed-ups (no test depends on timing)."""
 
 import json
 
@@ -7,47 +7,46 @@ import torch
 from tiny import save_tiny_model
 
 from sigmascale_core.plan import CompressionPlan, MatrixPlan
-from sigmascale_core.speed import keep_dense_where_slower, matmul_seconds, time_break_even_rank
+from sigmascale_core.speed import keep_dense_where_slower, matmul_speedup, time_break_even_rank
 
 
-def slow_factors_timer(slowdown: float, overhead: float = 0.0):
+def slow_factors(slowdown: float, overhead: float = 0.0):
     """Seconds ∝ multiply-adds; factors pay `slowdown` per multiply-add and a fixed `overhead`."""
 
-    def timer(m, n, rank, tokens):
-        return m * n * tokens if rank is None else slowdown * rank * (m + n) * tokens + overhead
+    def speedup(m, n, rank, tokens):
+        return m * n * tokens / (slowdown * rank * (m + n) * tokens + overhead)
 
-    return timer
+    return speedup
 
 
-def counting(timer):
+def counting(measure):
     calls = []
 
     def counted(*args):
         calls.append(args)
-        return timer(*args)
+        return measure(*args)
 
     return counted, calls
 
 
-def brute_force_break_even(m, n, tokens, timer):
-    dense = timer(m, n, None, tokens)
-    return max((k for k in range(1, min(m, n) + 1) if timer(m, n, k, tokens) < dense), default=0)
+def brute_force_break_even(m, n, tokens, speedup):
+    return max((k for k in range(1, min(m, n) + 1) if speedup(m, n, k, tokens) > 1), default=0)
 
 
 @pytest.mark.parametrize("shape", [(576, 576), (192, 576), (1536, 576), (576, 1536), (7, 3), (1, 5)])
 @pytest.mark.parametrize(
-    "timer",
+    "speedup",
     [
-        slow_factors_timer(1.0),  # the parameter break-even, exclusive
-        slow_factors_timer(2.0, overhead=1000.0),
-        slow_factors_timer(0.1),  # factors always faster: min(m, n)
-        slow_factors_timer(1.0, overhead=1e12),  # never faster: 0
+        slow_factors(1.0),  # the parameter break-even, exclusive
+        slow_factors(2.0, overhead=1000.0),
+        slow_factors(0.1),  # factors always faster: min(m, n)
+        slow_factors(1.0, overhead=1e12),  # never faster: 0
     ],
 )
-def test_break_even_rank_is_the_brute_force_scans_in_log_many_timings(shape, timer):
-    counted, calls = counting(timer)
-    assert time_break_even_rank(*shape, 8, counted) == brute_force_break_even(*shape, 8, timer)
-    assert len(calls) <= min(shape).bit_length() + 2  # dense, min(m, n), then bisection
+def test_break_even_rank_is_the_brute_force_scans_in_log_many_measurements(shape, speedup):
+    counted, calls = counting(speedup)
+    assert time_break_even_rank(*shape, 8, counted) == brute_force_break_even(*shape, 8, speedup)
+    assert len(calls) <= min(shape).bit_length() + 1  # min(m, n), then bisection
 
 
 def plan_of(ranks: dict[str, tuple[tuple[int, int], int | None]], **fields) -> CompressionPlan:
@@ -67,7 +66,7 @@ def test_keep_dense_where_slower_against_a_hand_computed_plan():
             "e": ((192, 576), None),
         }
     )
-    kept, report = keep_dense_where_slower(plan, tokens=4, timer=slow_factors_timer(2.0))
+    kept, report = keep_dense_where_slower(plan, tokens=4, speedup=slow_factors(2.0))
     assert {name: m.rank for name, m in kept.matrices.items()} == {
         "a": 100,
         "b": None,
@@ -90,7 +89,7 @@ def test_keep_dense_where_slower_against_a_hand_computed_plan():
 
 def test_nothing_is_kept_dense_where_factors_are_faster():
     plan = plan_of({"a": ((576, 576), 287), "b": ((192, 576), 1)})
-    kept, report = keep_dense_where_slower(plan, timer=slow_factors_timer(1.0))
+    kept, report = keep_dense_where_slower(plan, speedup=slow_factors(1.0))
     assert kept == plan and report["kept_dense"] == {} and report["parameters_cost"] == 0
 
 
@@ -118,22 +117,21 @@ def test_plan_json_from_before_the_flag_loads_and_a_non_bool_is_refused():
         plan_of({"a": ((576, 576), 100)}, keep_dense_if_slower=1)
 
 
-def test_matmul_seconds_runs_both_products():
-    for rank in (None, 3):
-        assert matmul_seconds(8, 6, rank, tokens=4, repeats=2) > 0
+def test_matmul_speedup_is_a_positive_ratio():
+    assert matmul_speedup(8, 6, 3, tokens=4, repeats=2, min_seconds=0.001) > 0
 
 
-def test_pipeline_keeps_the_timers_slow_shapes_dense_and_reports_the_cost(tmp_path, monkeypatch):
+def test_pipeline_keeps_the_slow_shapes_dense_and_reports_the_cost(tmp_path, monkeypatch):
     """The tiny Llama at 0.5: q/o 64×64 (rank 16), k/v 32×64 (10), gate/up 96×64 (19), down 64×96 (19).
-    The timer makes only 96×64 factors slower than dense: gate and up of both layers stay dense."""
+    Only 96×64 factors are slower than dense: gate and up of both layers stay dense."""
     from sigmascale_core.pipeline import CompressionConfig, run_compression
     from sigmascale_core.surgery import LowRankLinear, load_compressed
 
     save_tiny_model(tmp_path / "tiny")  # (the bundled tokenizer, from the shared cache)
     monkeypatch.setenv("SIGMASCALE_CACHE", str(tmp_path / "cache"))
 
-    def timer(m, n, rank, tokens):
-        return 1.0 if rank is None else (2.0 if (m, n) == (96, 64) else 0.5)
+    def speedup(m, n, rank, tokens):
+        return 0.5 if (m, n) == (96, 64) else 2.0
 
     config = CompressionConfig(
         out=str(tmp_path / "out"),
@@ -144,7 +142,7 @@ def test_pipeline_keeps_the_timers_slow_shapes_dense_and_reports_the_cost(tmp_pa
         seq_len=32,
         keep_dense_if_slower=True,
     )
-    report = run_compression(config, timer=timer)
+    report = run_compression(config, speedup=speedup)
     speed = report["keep_dense_if_slower"]
     slow = {f"model.layers.{i}.mlp.{kind}_proj" for i in (0, 1) for kind in ("gate", "up")}
     assert speed["kept_dense"] == dict.fromkeys(slow, 19)
