@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 python bench/bench_break_even.py --json bench/results/break_even.json
     OMP_NUM_THREADS=1 python bench/bench_break_even.py --models Llama-3.1-8B --dtypes float32 \
-        --tokens 1 --json bench/results/break_even_llama.json
+        --tokens 1 --repeats 9 --json bench/results/break_even_llama.json
 
 Shapes (out, in) of the bundled SmolLM2-135M (30 layers) and of Llama-3.1-8B (32 layers). For each
 shape, dtype and token count (1: a decode step; 512: a prefill): the largest rank at which x Rᵀ Lᵀ is
