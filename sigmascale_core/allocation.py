@@ -396,12 +396,14 @@ def allocate(
     if isinstance(template, CompressionPlan):
         shapes = {name: m.shape for name, m in template.matrices.items()}
         method, options, fingerprint = template.method, dict(template.options), template.model_fingerprint
+        keep_dense_if_slower = template.keep_dense_if_slower
     else:
         if not isinstance(sensitivity, SensitivityTable):
             raise ValueError("with bare shapes, pass a SensitivityTable (it names the method and model)")
         shapes = {name: tuple(shape) for name, shape in template.items()}
         method, options = sensitivity.method, dict(sensitivity.options)
         fingerprint = sensitivity.model_fingerprint
+        keep_dense_if_slower = False
     if isinstance(sensitivity, SensitivityTable):
         if sensitivity.model_fingerprint != fingerprint:
             raise ValueError(
@@ -421,4 +423,6 @@ def allocate(
             )
     ranks = allocate_ranks({name: curves[name] for name in shapes}, target_retention, strategy)
     matrices = {name: MatrixPlan(tuple(shapes[name]), ranks[name]) for name in shapes}
-    return CompressionPlan(fingerprint, method, options, matrices, target_retention, strategy)
+    return CompressionPlan(
+        fingerprint, method, options, matrices, target_retention, strategy, keep_dense_if_slower
+    )

@@ -216,6 +216,7 @@ def compression_config(args: argparse.Namespace) -> CompressionConfig:
         window=args.window,
         max_eval_tokens=args.max_eval_tokens,
         force=args.force,
+        keep_dense_if_slower=args.keep_dense_if_slower,
     )
 
 
@@ -541,6 +542,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: %(default)s)",
     )
     _probe_args(p)
+    p.add_argument(
+        "--keep-dense-if-slower",
+        action="store_true",
+        help="keep dense the matrices whose factors are slower than the dense matmul at their rank, "
+        "timed per shape on --device (costs parameters; the report says how many)",
+    )
     p.add_argument(
         "--finetune-steps",
         type=int,

@@ -25,6 +25,7 @@ from sigmascale_core.perplexity import perplexity
 from sigmascale_core.plan import CompressionPlan
 from sigmascale_core.probing import NESTED_METHODS, ProbeConfig, probe
 from sigmascale_core.progress import EventSink, Progress, tracked
+from sigmascale_core.speed import Speedup, keep_dense_where_slower
 from sigmascale_core.stats import ActivationStats
 from sigmascale_core.surgery import (
     check_output_dir,
@@ -328,6 +329,7 @@ class CompressionConfig:
     window: int | None = None  # perplexity window (None: min(2048, model max))
     max_eval_tokens: int | None = None  # score only the first N tokens of each evaluation text
     force: bool = False  # replace an existing out
+    keep_dense_if_slower: bool = False  # keep dense the matrices whose factors are slower here (speed.py)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "evaluation": list(self.evaluation)}
@@ -386,6 +388,8 @@ def check_config(config: CompressionConfig) -> CompressionPlan | None:
         raise ValueError(f"--finetune-lr must be a finite number, got {config.finetune_lr!r}")
     if config.finetune_lr <= 0:
         raise ValueError(f"--finetune-lr must be positive, got {config.finetune_lr}")
+    if not isinstance(config.keep_dense_if_slower, bool):
+        raise ValueError(f"keep_dense_if_slower must be true or false, got {config.keep_dense_if_slower!r}")
     if config.dtype not in DTYPES:
         raise ValueError(f"--dtype {config.dtype!r}: choose one of {tuple(DTYPES)}")
     if config.allocation not in ALLOCATIONS:
@@ -443,12 +447,16 @@ def check_loaded(loaded: LoadedModel, config: CompressionConfig, plan: Compressi
             )
 
 
-def run_compression(config: CompressionConfig, events: EventSink | None = None) -> dict:
+def run_compression(
+    config: CompressionConfig, events: EventSink | None = None, speedup: Speedup | None = None
+) -> dict:
     """Check, load, calibrate, plan, compress, (fine-tune,) evaluate and save: the whole run.
 
     Every input is checked before work starts (check_config, then check_loaded right after the model
-    loads); ValueError names the problem. Progress goes to `events` as ProgressEvents. Returns the
-    report that is also saved as report.json in config.out.
+    loads); ValueError names the problem. Progress goes to `events` as ProgressEvents. With
+    keep_dense_if_slower (the config's or the plan's), matrices whose factors `speedup` (default: real
+    matmuls on the run's device and dtype) finds slower than dense stay dense. Returns the report that is
+    also saved as report.json in config.out.
     """
     plan = check_config(config)
 
@@ -487,6 +495,14 @@ def run_compression(config: CompressionConfig, events: EventSink | None = None) 
             windows,
             progress("probe"),
         )
+    speed = None
+    if config.keep_dense_if_slower or plan.keep_dense_if_slower:
+        plan, speed = keep_dense_where_slower(
+            dataclasses.replace(plan, keep_dense_if_slower=True),
+            speedup=speedup,
+            dtype=DTYPES[config.dtype],
+            device=config.device,
+        )
     start = time.perf_counter()
     if config.sequential:
         _, calibration = compress_sequential(loaded, plan, config.calibration, progress("calibration"))
@@ -507,6 +523,7 @@ def run_compression(config: CompressionConfig, events: EventSink | None = None) 
         "calibration": calibration,
         **planning,
         "whitening_jitter": jitter,  # λ added to a Gram's diagonal so its Cholesky factor exists
+        "keep_dense_if_slower": speed,  # None, or speed.keep_dense_where_slower's report
         "compress_seconds": time.perf_counter() - start,
     }
 

@@ -66,9 +66,12 @@ class CompressionPlan:
     matrices: dict[str, MatrixPlan]  # module name -> shape and rank, in model order
     target_retention: float | None = None  # the global parameter retention asked for, if any
     allocation: str = "uniform"  # how the ranks were chosen: uniform, table, or an allocator's name
+    keep_dense_if_slower: bool = False  # keep dense what factors would slow down here (speed.py)
     version: int = field(default=PLAN_VERSION)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.keep_dense_if_slower, bool):
+            raise ValueError(f"keep_dense_if_slower must be true or false, got {self.keep_dense_if_slower!r}")
         check_options(self.method, self.options)
         if self.target_retention is not None:
             check_retention(self.target_retention)
@@ -119,6 +122,7 @@ class CompressionPlan:
             matrices,
             self.target_retention,
             allocation or self.allocation,
+            self.keep_dense_if_slower,
         )
 
     def edited(
@@ -181,6 +185,7 @@ class CompressionPlan:
                 matrices=matrices,
                 target_retention=data.get("target_retention"),
                 allocation=str(data.get("allocation", "uniform")),
+                keep_dense_if_slower=data.get("keep_dense_if_slower", False),  # absent before it existed
             )
         except (KeyError, TypeError, AttributeError) as err:
             raise ValueError(f"malformed plan: missing or bad field ({type(err).__name__}: {err})") from err
