@@ -223,9 +223,26 @@ def cmd_compress(args: argparse.Namespace) -> None:
     from sigmascale_core.pipeline import run_compression
 
     config = compression_config(args)
+    if args.distributed:
+        _compress_distributed(config, args.events)
+        return
     report = run_compression(config, args.events)
     print(json.dumps(report, indent=2))
     print(f"saved the compressed model to {Path(config.out).resolve()}", file=sys.stderr)
+
+
+def _compress_distributed(config: CompressionConfig, events: EventSink) -> None:
+    """One rank of `torchrun ... compress --distributed`: rank 0 shows progress, prints and saves."""
+    from sigmascale_core.distributed import check_distributable, distributed_session
+    from sigmascale_core.pipeline import check_config, run_compression
+
+    check_config(config)  # refused before joining the group, on every rank alike
+    check_distributable(config)
+    with distributed_session() as group:
+        report = run_compression(config, events if group.is_main else None, group)
+    if group.is_main:
+        print(json.dumps(report, indent=2))
+        print(f"saved the compressed model to {Path(config.out).resolve()}", file=sys.stderr)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -519,6 +536,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="output folder (refused if it exists, unless --force)")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="one rank of a torchrun job: fits sharded across the ranks (NCCL, cuda:LOCAL_RANK, where CUDA "
+        "is available, else gloo on the CPU), saved by rank 0; launch with torchrun --nproc-per-node N "
+        "-m sigmascale_core.cli compress ... --distributed",
+    )
     p.add_argument(
         "--sequential",
         action="store_true",

@@ -18,6 +18,7 @@ from torch import nn
 
 from sigmascale_core.allocation import STRATEGIES, allocate
 from sigmascale_core.calibration import collect_stats, load_stats, save_stats, stats_cache_path, stats_key
+from sigmascale_core.distributed import Group, check_distributable, fit_distributed, main_rank_first
 from sigmascale_core.finetune import distill, evaluate_distillation
 from sigmascale_core.methods import METHODS, LowRankFactors, check_options
 from sigmascale_core.models import LoadedModel, load_model, target_matrices, tokenizer_fingerprint
@@ -27,6 +28,7 @@ from sigmascale_core.probing import NESTED_METHODS, ProbeConfig, probe
 from sigmascale_core.progress import EventSink, Progress, tracked
 from sigmascale_core.stats import ActivationStats
 from sigmascale_core.surgery import (
+    apply_factors,
     check_output_dir,
     check_plan_matches,
     compress,
@@ -439,14 +441,20 @@ def check_loaded(loaded: LoadedModel, config: CompressionConfig, plan: Compressi
             )
 
 
-def run_compression(config: CompressionConfig, events: EventSink | None = None) -> dict:
+def run_compression(
+    config: CompressionConfig, events: EventSink | None = None, group: Group | None = None
+) -> dict:
     """Check, load, calibrate, plan, compress, (fine-tune,) evaluate and save: the whole run.
 
     Every input is checked before work starts (check_config, then check_loaded right after the model
     loads); ValueError names the problem. Progress goes to `events` as ProgressEvents. Returns the
-    report that is also saved as report.json in config.out.
+    report that is also saved as report.json in config.out. With a torchrun `group`
+    (distributed.py), the fits are sharded across its ranks and rank 0 alone saves; the other ranks
+    return their part of the report.
     """
     plan = check_config(config)
+    if group is not None:
+        check_distributable(config)
 
     def progress(stage: str) -> Progress | None:
         return None if events is None else tracked(events, stage)
@@ -459,7 +467,8 @@ def run_compression(config: CompressionConfig, events: EventSink | None = None) 
     teacher = copy.deepcopy(loaded.model) if config.finetune_steps else None
     stats, calibration, planning = None, None, {}
     if not config.sequential or config.allocation != "uniform":  # the probe reads the dense stats
-        stats, calibration = calibrate(loaded, config.calibration, progress("calibration"))
+        with main_rank_first(group):  # rank 0 fills the stats cache, the others read it
+            stats, calibration = calibrate(loaded, config.calibration, progress("calibration"))
     if plan is None:
         windows = None
         if calibration is not None:  # (text, samples, seq_len, seed) of the stats, for the probe
@@ -482,8 +491,16 @@ def run_compression(config: CompressionConfig, events: EventSink | None = None) 
     if config.sequential:
         _, calibration = compress_sequential(loaded, plan, config.calibration, progress("calibration"))
         jitter = calibration.pop("whitening_jitter")
-    else:
+    elif group is None:
         jitter = whitening_jitter(compress(loaded.model, plan, stats, progress=progress("compress")))
+    else:
+        factors, planning["distributed"] = fit_distributed(
+            loaded.model, plan, stats, group, progress("compress")
+        )
+        if factors is None:  # not rank 0: its factors went there
+            return {"rank": group.rank, **planning["distributed"]}
+        apply_factors(loaded.model, factors)
+        jitter = whitening_jitter(factors)
     report = {
         "model": config.model,
         "fingerprint": loaded.fingerprint,
