@@ -57,8 +57,29 @@ def _load(args: argparse.Namespace):
     from sigmascale_core.models import load_model
     from sigmascale_core.pipeline import DTYPES, check_device
 
-    check_device(args.device)
-    return load_model(args.model, device=args.device, dtype=DTYPES[args.dtype])
+    device_map = getattr(args, "device_map", None)
+    if device_map is None:
+        check_device(args.device)
+        return load_model(args.model, device=args.device, dtype=DTYPES[args.dtype])
+    return load_model(
+        args.model, dtype=DTYPES[args.dtype], device_map=device_map, offload_folder=args.offload_folder
+    )
+
+
+def _device_map(text: str) -> str | dict:
+    """--device-map: accelerate's "auto", "balanced", … as given, or a {module: device} JSON (inline or a
+    .json file; "cpu" and "disk" offload)."""
+    if text.endswith(".json"):
+        try:
+            return json.loads(Path(text).read_text())
+        except (OSError, ValueError) as err:
+            raise argparse.ArgumentTypeError(f"cannot read the device map {text}: {err}") from None
+    if text.startswith("{"):
+        try:
+            return json.loads(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"--device-map is not valid JSON: {err}") from None
+    return text
 
 
 def tqdm_sink() -> EventSink:
@@ -516,6 +537,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("calibrate", help="collect (and cache) activation statistics")
     _model_args(p)
     _calibration_args(p)
+    p.add_argument(
+        "--device-map",
+        type=_device_map,
+        help="place a model larger than one GPU through accelerate instead of --device: auto, balanced, or "
+        "a {module: device} JSON (inline or a .json file) with cpu/disk offload; each layer is calibrated "
+        "on the device it runs on. Pass the same --dtype and --seq-len to compress, so it finds these "
+        "statistics in the cache",
+    )
+    p.add_argument("--offload-folder", help="where --device-map's disk offload keeps its weights")
     p.add_argument("--report", type=Path, help="write the JSON report here (default: stdout)")
     p.set_defaults(run=cmd_calibrate)
 

@@ -21,7 +21,13 @@ from sigmascale_core.calibration import collect_stats, load_stats, save_stats, s
 from sigmascale_core.distributed import Group, check_distributable, fit_distributed, main_rank_first
 from sigmascale_core.finetune import distill, evaluate_distillation
 from sigmascale_core.methods import METHODS, LowRankFactors, check_options
-from sigmascale_core.models import LoadedModel, load_model, target_matrices, tokenizer_fingerprint
+from sigmascale_core.models import (
+    LoadedModel,
+    execution_device,
+    load_model,
+    target_matrices,
+    tokenizer_fingerprint,
+)
 from sigmascale_core.perplexity import perplexity
 from sigmascale_core.plan import CompressionPlan
 from sigmascale_core.probing import NESTED_METHODS, ProbeConfig, probe
@@ -88,7 +94,7 @@ def calibrate(
 
     Returns (stats, info) where info says where they came from, how many tokens and how long it took.
     """
-    device = next(loaded.model.parameters()).device
+    device = execution_device(loaded.model.get_input_embeddings())  # also under a device map
     seq_len = config.resolved_seq_len(device)
     key = {
         "model": loaded.fingerprint,
