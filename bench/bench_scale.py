@@ -364,7 +364,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--calibration-layers", type=int, default=2, help="8B-shaped layers calibrated")
     parser.add_argument(
-        "--samples", default="1,4", help="calibration sequences, one run per count (8B run: 32)"
+        "--samples", default="1,8", help="calibration sequences, one run per count (8B run: 32)"
     )
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (8B run: 2048)")
     parser.add_argument("--paper-tokens", type=int, default=4096, help="tokens of X in the paper's loop")
