@@ -52,9 +52,10 @@ RETENTION = 0.75
 PAPER_STEPS, OUR_STEPS = 1000, 20
 
 # Assumed rates of one H100 SXM (spec sheet × ~0.6 efficiency): FP64/FP32 matmul 67 TFLOP/s spec (FP64
-# tensor cores; FP32 without TF32), a symmetric eigensolver (cuSOLVER syevd) at ~1.5 TFLOP/s effective on
-# 9·n³ flops (it is bandwidth-bound), bf16 forward 990 TFLOP/s spec. Assumptions, not measurements.
-GPU_RATES = {"matmul64": 40e12, "matmul32": 40e12, "eigh": 1.5e12, "bf16": 400e12, "hbm_gbs": 3000}
+# tensor cores; FP32 without TF32), a symmetric eigensolver (cuSOLVER syevd) at ~1.5 TFLOP/s (float64),
+# ~3 TFLOP/s (float32) effective on 9·n³ flops (it is bandwidth-bound), bf16 forward 990 TFLOP/s spec.
+# Assumptions, not measurements.
+GPU_RATES = {"matmul64": 40e12, "matmul32": 40e12, "eigh": 1.5e12, "eigh32": 3e12, "bf16": 400e12}
 
 
 def now(device: torch.device) -> float:
@@ -230,7 +231,8 @@ def op_counts(m: int, n: int, rank: int, method: str) -> dict[str, float]:
     return {
         "matmul64": truncate["matmul64"] + 2 * check["matmul64"],
         "matmul32": OUR_STEPS * step["matmul32"] + 2 * big * s * s,
-        "eigh": eigh * (2 + OUR_STEPS + 2),
+        "eigh": eigh * (1 + 2),  # the truncation, the float64 re-check
+        "eigh32": eigh * (OUR_STEPS + 1),  # one per loop step, float32
     }
 
 
@@ -247,6 +249,7 @@ def gpu_seconds(counts: dict[str, float]) -> float:
         counts.get("matmul64", 0) / GPU_RATES["matmul64"]
         + counts.get("matmul32", 0) / GPU_RATES["matmul32"]
         + counts.get("eigh", 0) / GPU_RATES["eigh"]
+        + counts.get("eigh32", 0) / GPU_RATES["eigh32"]
     )
 
 
@@ -284,24 +287,31 @@ def whole_model(rows: list[dict], calibration: dict, tokens_8b: int, paper_token
     return out
 
 
-def fit_op_model(rows: list[dict]) -> dict:
-    """Calibrate the op model on this run: least-squares seconds-per-flop of each op class from the
-    measured fits (4 methods × 4 shapes), and each fit's modelled/measured ratio at those rates."""
-    classes = ("matmul64", "matmul32", "eigh")
-    counts = [op_counts(r["m"], r["n"], r["rank"], method) for r in rows for method in METHODS]
-    seconds = torch.tensor([r["seconds"][method] for r in rows for method in METHODS], dtype=torch.float64)
-    A = torch.tensor([[c.get(k, 0.0) for k in classes] for c in counts], dtype=torch.float64)
-    scale = A.abs().amax(0).clamp_min(1)
-    per_flop = torch.linalg.lstsq(A / scale, seconds[:, None]).solution[:, 0].clamp_min(1e-30) / scale
-    modelled = A @ per_flop
+def measure_rates(device: torch.device, n: int = 2048) -> dict[str, float]:
+    """This device's flop rates for the op model's classes: n² products in float64 and float32, and a
+    float64 `eigh` counted as 9·n³ flops."""
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(n, n, generator=g, dtype=torch.float64).to(device)
+    S = A @ A.mT
+    rates = {}
+    for name, X in (("matmul64", A), ("matmul32", A.float())):
+        rates[name] = 2 * n**3 / timed(lambda X=X: X @ X, device)[1]
+    rates["eigh"] = 9 * n**3 / timed(lambda: torch.linalg.eigh(S), device)[1]
+    rates["eigh32"] = 9 * n**3 / timed(lambda: torch.linalg.eigh(S.float()), device)[1]
+    return rates
+
+
+def check_op_model(rows: list[dict], rates: dict[str, float]) -> dict[str, float]:
+    """Modelled / measured seconds of every fit of the run, at this device's measured rates: how far the
+    op model that gives the GPU figures is from what was timed."""
+
+    def seconds(counts: dict[str, float]) -> float:
+        return sum(counts.get(k, 0) / rates[k] for k in rates)
+
     return {
-        "rates_flop_per_s": {k: float(1 / v) for k, v in zip(classes, per_flop, strict=True)},
-        "modelled_over_measured": {
-            f"{r['shape']}/{method}": float(mo / me)
-            for (r, method), mo, me in zip(
-                [(r, method) for r in rows for method in METHODS], modelled, seconds, strict=True
-            )
-        },
+        f"{r['shape']}/{method}": seconds(op_counts(r["m"], r["n"], r["rank"], method)) / r["seconds"][method]
+        for r in rows
+        for method in METHODS
     }
 
 
@@ -392,7 +402,8 @@ def main() -> None:
     }
     if args.resume and args.json is not None and args.json.exists():  # keep what an earlier run measured
         earlier = json.loads(args.json.read_text())
-        result.update({k: earlier[k] for k in ("shapes", "calibration", "batched_eigh") if k in earlier})
+        kept = ("shapes", "calibration", "batched_eigh", "rates_this_device")
+        result.update({k: earlier[k] for k in kept if k in earlier})
     result.setdefault("shapes", [])
     if "calibration" not in result:
         samples = tuple(int(x) for x in args.samples.split(","))
@@ -409,7 +420,9 @@ def main() -> None:
         result["shapes"].append(row)
         save(result, args.json)
     result["gpu_rates_assumed"] = GPU_RATES
-    result["op_model_fit_this_device"] = fit_op_model(result["shapes"])
+    if "rates_this_device" not in result:
+        result["rates_this_device"] = measure_rates(device)
+    result["op_model_over_measured"] = check_op_model(result["shapes"], result["rates_this_device"])
     result["design_70b"] = design_70b(32 * 2048)
     result["whole_8b"] = whole_model(result["shapes"], result["calibration"], 32 * 2048, args.paper_tokens)
     result["memory_model_gib"] = memory_model(32 * 2048)
