@@ -228,9 +228,11 @@ def op_counts(m: int, n: int, rank: int, method: str) -> dict[str, float]:
         return {"matmul64": truncate["matmul64"] + 2 * m * n * n + n**3 / 3 + rank * n * n, "eigh": eigh}
     step = {"matmul32": 3 * (2 * big * s * s) + 12 * s**3, "eigh": eigh}
     check = {"matmul64": 2 * big * s * s + 6 * s**3, "eigh": eigh}
+    # truncation_loss's constant, once per loss function: WᵀW (m ≥ n), W·G·Wᵀ (m < n, with the n² Gram)
+    setup = 2 * m * n * n + (2 * m * m * n if m < n else 0)
     return {
-        "matmul64": truncate["matmul64"] + 2 * check["matmul64"],
-        "matmul32": OUR_STEPS * step["matmul32"] + 2 * big * s * s,
+        "matmul64": truncate["matmul64"] + 2 * check["matmul64"] + setup,
+        "matmul32": OUR_STEPS * step["matmul32"] + 2 * big * s * s + setup,
         "eigh": eigh * (1 + 2),  # the truncation, the float64 re-check
         "eigh32": eigh * (OUR_STEPS + 1),  # one per loop step, float32
     }
