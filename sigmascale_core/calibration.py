@@ -21,7 +21,13 @@ import torch
 from torch import nn
 
 from sigmascale_core.artifacts import cache_root, read_tensors, save_tensors_atomic
-from sigmascale_core.models import INPUT_GROUPS, decoder_layers, get_module, target_matrices
+from sigmascale_core.models import (
+    INPUT_GROUPS,
+    decoder_layers,
+    execution_device,
+    get_module,
+    target_matrices,
+)
 from sigmascale_core.progress import Progress
 from sigmascale_core.stats import ActivationStats
 
@@ -41,7 +47,7 @@ def _layer_inputs(
     model: nn.Module, input_ids: torch.Tensor, batch_size: int
 ) -> list[tuple[torch.Tensor, dict]]:
     """(hidden_states, kwargs) entering decoder layer 0, one entry per batch of input_ids."""
-    device = next(model.parameters()).device
+    device = execution_device(model.get_input_embeddings())
     captured: list[tuple[torch.Tensor, dict]] = []
 
     def catch(_module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -99,13 +105,13 @@ def layer_stats_steps(
             raise ValueError(f"input_ids {name!r} must be (n_samples, seq_len), got shape {tuple(ids.shape)}")
     layers = decoder_layers(model)
     refs = target_matrices(model)
-    device = next(model.parameters()).device
     with torch.no_grad():
         batches = [
             (name, *batch) for name, ids in splits.items() for batch in _layer_inputs(model, ids, batch_size)
         ]
         active = [""]  # the split of the batch in flight, read by the hooks
         for i, layer in enumerate(layers):
+            device = execution_device(layer)  # under a device map: the GPU it runs on, wherever it is kept
             layer_stats: dict[str, dict[str, ActivationStats]] = {}
             hooks = []
             for group, kinds in INPUT_GROUPS.items():

@@ -57,8 +57,29 @@ def _load(args: argparse.Namespace):
     from sigmascale_core.models import load_model
     from sigmascale_core.pipeline import DTYPES, check_device
 
-    check_device(args.device)
-    return load_model(args.model, device=args.device, dtype=DTYPES[args.dtype])
+    device_map = getattr(args, "device_map", None)
+    if device_map is None:
+        check_device(args.device)
+        return load_model(args.model, device=args.device, dtype=DTYPES[args.dtype])
+    return load_model(
+        args.model, dtype=DTYPES[args.dtype], device_map=device_map, offload_folder=args.offload_folder
+    )
+
+
+def _device_map(text: str) -> str | dict:
+    """--device-map: accelerate's "auto", "balanced", … as given, or a {module: device} JSON (inline or a
+    .json file; "cpu" and "disk" offload)."""
+    if text.endswith(".json"):
+        try:
+            return json.loads(Path(text).read_text())
+        except (OSError, ValueError) as err:
+            raise argparse.ArgumentTypeError(f"cannot read the device map {text}: {err}") from None
+    if text.startswith("{"):
+        try:
+            return json.loads(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"--device-map is not valid JSON: {err}") from None
+    return text
 
 
 def tqdm_sink() -> EventSink:
@@ -224,6 +245,9 @@ def cmd_compress(args: argparse.Namespace) -> None:
     from sigmascale_core.pipeline import run_compression
 
     config = compression_config(args)
+    if args.distributed:
+        _compress_distributed(config, args.events)
+        return
     report = run_compression(config, args.events)
     print(json.dumps(report, indent=2))
     print(f"saved the compressed model to {Path(config.out).resolve()}", file=sys.stderr)
@@ -234,6 +258,20 @@ def cmd_export(args: argparse.Namespace) -> None:
 
     out = export_compressed(args.model, args.out, force=args.force, latent_kv=args.latent_kv)
     print(f"exported to {out}: AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True) loads it")
+
+
+def _compress_distributed(config: CompressionConfig, events: EventSink) -> None:
+    """One rank of `torchrun ... compress --distributed`: rank 0 shows progress, prints and saves."""
+    from sigmascale_core.distributed import check_distributable, distributed_session
+    from sigmascale_core.pipeline import check_config, run_compression
+
+    plan = check_config(config)  # refused before joining the group, on every rank alike
+    check_distributable(config, plan)
+    with distributed_session() as group:
+        report = run_compression(config, events if group.is_main else None, group=group)
+    if group.is_main:
+        print(json.dumps(report, indent=2))
+        print(f"saved the compressed model to {Path(config.out).resolve()}", file=sys.stderr)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -507,6 +545,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("calibrate", help="collect (and cache) activation statistics")
     _model_args(p)
     _calibration_args(p)
+    p.add_argument(
+        "--device-map",
+        type=_device_map,
+        help="place a model larger than one GPU through accelerate instead of --device: auto, balanced, or "
+        "a {module: device} JSON (inline or a .json file) with cpu/disk offload; each layer is calibrated "
+        "on the device it runs on. Pass the same --dtype and --seq-len to compress, so it finds these "
+        "statistics in the cache",
+    )
+    p.add_argument("--offload-folder", help="where --device-map's disk offload keeps its weights")
     p.add_argument("--report", type=Path, help="write the JSON report here (default: stdout)")
     p.set_defaults(run=cmd_calibrate)
 
@@ -527,6 +574,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="output folder (refused if it exists, unless --force)")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="one rank of a torchrun job: fits sharded across the ranks (NCCL, cuda:LOCAL_RANK, where CUDA "
+        "is available, else gloo on the CPU), saved by rank 0; launch with torchrun --nproc-per-node N "
+        "-m sigmascale_core.cli compress ... --distributed",
+    )
     p.add_argument(
         "--sequential",
         action="store_true",

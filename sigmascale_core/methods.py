@@ -475,12 +475,19 @@ def _adam_on_scales(
     start = _fix_gauge(r, c)
     r, c = start[0].clone().requires_grad_(True), start[1].clone().requires_grad_(True)
     optimizer = torch.optim.Adam([r, c], lr=lr)
-    best, best_loss = start, math.inf
+    # The best iterate is tracked on the device (torch.where, no .item()): a GPU never waits for the
+    # host inside the loop. `moved` says whether any step beat the start.
+    best_r, best_c = start[0].clone(), start[1].clone()
+    best_loss = torch.full((), math.inf, dtype=torch.float32, device=W.device)
+    moved = torch.zeros((), dtype=torch.bool, device=W.device)
     for step in range(steps + 1):  # pass `steps` only measures the last iterate
         loss = loss_of(r, c)
-        if loss.item() < best_loss:
-            best_loss = loss.item()
-            best = start if step == 0 else (r.detach().clone(), c.detach().clone())
+        improved = loss.detach() < best_loss
+        best_loss = torch.where(improved, loss.detach(), best_loss)
+        if step > 0:
+            moved = moved | improved
+            best_r = torch.where(improved, r.detach(), best_r)
+            best_c = torch.where(improved, c.detach(), best_c)
         if step == steps:
             break
         optimizer.zero_grad(set_to_none=True)
@@ -490,7 +497,7 @@ def _adam_on_scales(
             r_fixed, c_fixed = _fix_gauge(r, c)
             r.copy_(r_fixed)
             c.copy_(c_fixed)
-    return start, best
+    return start, ((best_r, best_c) if bool(moved) else start)  # one host sync, after the loop
 
 
 def _fix_gauge(r: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -262,11 +262,35 @@ def model_fingerprint(model: nn.Module) -> str:
     h = hashlib.blake2b(digest_size=8)
     config = getattr(model, "config", None)
     h.update((_config_json(config) if config is not None else type(model).__name__).encode())
-    for name, p in model.named_parameters():
+    for name, p in _parameter_values(model):
         h.update(f"\0{name}\0{tuple(p.shape)}\0{p.dtype}\0".encode())
         if p.device.type != "meta":
             h.update(tensor_bytes(p))
     return h.hexdigest()
+
+
+def _parameter_values(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """named_parameters() with each offloaded one (meta, under an accelerate device map) read from its
+    hook's weights map: a model loaded with offload has the fingerprint of the same weights in memory."""
+    values = []
+    for name, p in model.named_parameters():
+        if p.is_meta:
+            module_name, _, leaf = name.rpartition(".")
+            hook = getattr(model.get_submodule(module_name), "_hf_hook", None)
+            weights = getattr(hook, "weights_map", None) if getattr(hook, "offload", False) else None
+            if weights is not None and leaf in weights:
+                p = weights[leaf]
+        values.append((name, p))
+    return values
+
+
+def execution_device(module: nn.Module) -> torch.device:
+    """The device `module`'s forward runs on: its accelerate hook's execution device under a device map
+    (its weights may sit on the host, on disk or on another GPU), else where its first real parameter is."""
+    device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+    if device is not None:
+        return torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
+    return next((p.device for p in module.parameters() if not p.is_meta), torch.device("cpu"))
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -432,15 +456,25 @@ def _looks_like_path(source: str) -> bool:
 
 
 def load_model(
-    source: str = BUNDLED_MODEL, device: str = "cpu", dtype: torch.dtype = torch.float32
+    source: str = BUNDLED_MODEL,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    device_map: str | dict[str, Any] | None = None,
+    offload_folder: str | None = None,
 ) -> LoadedModel:
     """Load a supported causal LM and its tokenizer, ready for calibration (eval mode, on `device`).
 
     `source`: BUNDLED_MODEL (SmolLM2-135M, from its cached fp32 copy), a local HF-format directory, a
     `.gguf` file (dequantised on every load: convert_gguf it once to save time), or a hub id (uses the
-    user's HF cache; no network when HF_HUB_OFFLINE is set).
+    user's HF cache; no network when HF_HUB_OFFLINE is set). `device_map` ("auto", "balanced", or
+    {module: device | "cpu" | "disk"}) instead places the model through accelerate, across GPUs and
+    offloaded to the host or to `offload_folder`, for a model larger than one GPU; `device` is then unused.
     """
     from transformers import AutoConfig
+
+    if device_map is not None:
+        placed = {"device_map": device_map, **({"offload_folder": offload_folder} if offload_folder else {})}
+        return _load_placed(source, dtype, placed)
 
     if source == BUNDLED_MODEL:
         directory = bundled_model_dir()
@@ -487,13 +521,16 @@ def load_model(
     return _finish(_load_pretrained(source, kwargs, dtype), source, device)
 
 
-def _load_pretrained(where: str, kwargs: dict[str, Any], dtype: torch.dtype) -> tuple[Any, Any]:
-    """(model, tokenizer) from a directory, GGUF parent dir or hub id; ValueError if it cannot load."""
+def _load_pretrained(
+    where: str, kwargs: dict[str, Any], dtype: torch.dtype, placement: dict[str, Any] | None = None
+) -> tuple[Any, Any]:
+    """(model, tokenizer) from a directory, GGUF parent dir or hub id; ValueError if it cannot load.
+    `placement`: from_pretrained's device_map (and offload_folder), for accelerate to place the model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(where, **kwargs, **_dtype_kw(dtype))
+        model = AutoModelForCausalLM.from_pretrained(where, **kwargs, **(placement or {}), **_dtype_kw(dtype))
     except Exception as err:
         raise ValueError(
             f"cannot load a causal LM from {where} {kwargs or ''}: {type(err).__name__}: {err}"
@@ -501,8 +538,23 @@ def _load_pretrained(where: str, kwargs: dict[str, Any], dtype: torch.dtype) -> 
     return model, tokenizer
 
 
-def _finish(loaded: tuple[Any, Any], source: str, device: str) -> LoadedModel:
+def _finish(loaded: tuple[Any, Any], source: str, device: str | None) -> LoadedModel:
     model, tokenizer = loaded
     family = model_family(model)
-    model = model.to(device).eval()
+    model = (model if device is None else model.to(device)).eval()
     return LoadedModel(model, tokenizer, source, family, model_fingerprint(model))
+
+
+def _load_placed(source: str, dtype: torch.dtype, placement: dict[str, Any]) -> LoadedModel:
+    """load_model with an accelerate device map: a bundled, directory or hub source (not a .gguf)."""
+    from transformers import AutoConfig
+
+    where = str(bundled_model_dir()) if source == BUNDLED_MODEL else source
+    if where.endswith(".gguf"):
+        raise ValueError("--device-map needs an HF folder or hub id: convert the .gguf first (convert_gguf)")
+    kwargs = {"local_files_only": True} if _hub_offline() else {}
+    try:
+        resolve_family(AutoConfig.from_pretrained(where, **kwargs))
+    except OSError as err:
+        raise ValueError(f"{source}: cannot read its config: {err}") from err
+    return _finish(_load_pretrained(where, kwargs, dtype, placement), source, None)

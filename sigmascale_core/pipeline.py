@@ -18,9 +18,16 @@ from torch import nn
 
 from sigmascale_core.allocation import STRATEGIES, allocate
 from sigmascale_core.calibration import collect_stats, load_stats, save_stats, stats_cache_path, stats_key
+from sigmascale_core.distributed import Group, check_distributable, fit_distributed, main_rank_first
 from sigmascale_core.finetune import distill, evaluate_distillation
 from sigmascale_core.methods import METHOD_OPTIONS, METHODS, LowRankFactors, check_options
-from sigmascale_core.models import LoadedModel, load_model, target_matrices, tokenizer_fingerprint
+from sigmascale_core.models import (
+    LoadedModel,
+    execution_device,
+    load_model,
+    target_matrices,
+    tokenizer_fingerprint,
+)
 from sigmascale_core.perplexity import perplexity
 from sigmascale_core.plan import CompressionPlan
 from sigmascale_core.probing import NESTED_METHODS, ProbeConfig, probe
@@ -28,6 +35,7 @@ from sigmascale_core.progress import EventSink, Progress, tracked
 from sigmascale_core.speed import Speedup, keep_dense_where_slower
 from sigmascale_core.stats import ActivationStats
 from sigmascale_core.surgery import (
+    apply_factors,
     check_output_dir,
     check_plan_matches,
     compress,
@@ -87,7 +95,7 @@ def calibrate(
 
     Returns (stats, info) where info says where they came from, how many tokens and how long it took.
     """
-    device = next(loaded.model.parameters()).device
+    device = execution_device(loaded.model.get_input_embeddings())  # also under a device map
     seq_len = config.resolved_seq_len(device)
     key = {
         "model": loaded.fingerprint,
@@ -448,17 +456,23 @@ def check_loaded(loaded: LoadedModel, config: CompressionConfig, plan: Compressi
 
 
 def run_compression(
-    config: CompressionConfig, events: EventSink | None = None, speedup: Speedup | None = None
+    config: CompressionConfig,
+    events: EventSink | None = None,
+    speedup: Speedup | None = None,
+    group: Group | None = None,
 ) -> dict:
     """Check, load, calibrate, plan, compress, (fine-tune,) evaluate and save: the whole run.
 
     Every input is checked before work starts (check_config, then check_loaded right after the model
     loads); ValueError names the problem. Progress goes to `events` as ProgressEvents. With
     keep_dense_if_slower (the config's or the plan's), matrices whose factors `speedup` (default: real
-    matmuls on the run's device and dtype) finds slower than dense stay dense. Returns the report that is
-    also saved as report.json in config.out.
+    matmuls on the run's device and dtype) finds slower than dense stay dense. With a torchrun `group`
+    (distributed.py), the fits are sharded across its ranks and rank 0 alone saves; the other ranks
+    return their part of the report. Returns the report that is also saved as report.json in config.out.
     """
     plan = check_config(config)
+    if group is not None:
+        check_distributable(config, plan)
 
     def progress(stage: str) -> Progress | None:
         return None if events is None else tracked(events, stage)
@@ -471,7 +485,8 @@ def run_compression(
     teacher = copy.deepcopy(loaded.model) if config.finetune_steps else None
     stats, calibration, planning = None, None, {}
     if not config.sequential or config.allocation != "uniform":  # the probe reads the dense stats
-        stats, calibration = calibrate(loaded, config.calibration, progress("calibration"))
+        with main_rank_first(group):  # rank 0 fills the stats cache, the others read it
+            stats, calibration = calibrate(loaded, config.calibration, progress("calibration"))
     if plan is None:
         windows = None
         if calibration is not None:  # (text, samples, seq_len, seed) of the stats, for the probe
@@ -507,8 +522,16 @@ def run_compression(
     if config.sequential:
         _, calibration = compress_sequential(loaded, plan, config.calibration, progress("calibration"))
         jitter = calibration.pop("whitening_jitter")
-    else:
+    elif group is None:
         jitter = whitening_jitter(compress(loaded.model, plan, stats, progress=progress("compress")))
+    else:
+        factors, planning["distributed"] = fit_distributed(
+            loaded.model, plan, stats, group, progress("compress")
+        )
+        if factors is None:  # not rank 0: its factors went there
+            return {"rank": group.rank, **planning["distributed"]}
+        apply_factors(loaded.model, factors)
+        jitter = whitening_jitter(factors)
     report = {
         "model": config.model,
         "fingerprint": loaded.fingerprint,

@@ -71,11 +71,13 @@ def fit_factors(
     plan: CompressionPlan,
     stats: dict[str, ActivationStats],
     progress: Progress | None = None,
+    device: torch.device | str | None = None,
 ) -> dict[str, LowRankFactors]:
     """Factors for every compressed matrix of the plan (search only: the model is not changed).
 
-    Each matrix is independent given its input's stats; the math runs on the weight's device
-    (float64 where conditioning needs it), so a GPU model keeps the GPU busy.
+    Each matrix is independent given its input's stats; the math runs on `device` (default: the
+    weight's), float64 where conditioning needs it, so a GPU keeps busy while the model may stay on
+    the host (distributed.py gives each rank's GPU its shard). Factors are left on that device.
     """
     check_plan_matches(model, plan)
     refs = {ref.name: ref for ref in target_matrices(model)}
@@ -84,6 +86,7 @@ def fit_factors(
     for done, (name, matrix) in enumerate(todo.items(), start=1):
         ref = refs[name]
         weight = get_module(model, name).weight.detach()
+        weight = weight if device is None else weight.to(device)
         key = stats_key(ref.layer, GROUP_OF_KIND[ref.kind])
         if key not in stats:
             raise ValueError(f"no calibration stats for {name} (expected key {key!r})")
