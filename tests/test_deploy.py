@@ -84,6 +84,13 @@ def compressed_model(family, tokenizer=None, retention=0.5):
     return model, plan
 
 
+def plain_and_latent(family, tmp_path):
+    """A compressed tiny model of the family, saved and loaded back with the plain and the latent KV cache."""
+    model, plan = compressed_model(family)
+    out = save_compressed(model, plan, tmp_path / "out")
+    return load_compressed(out)[0], load_compressed(out, latent_kv=True)[0]
+
+
 def prompt(batch=2, length=10, seed=2):
     return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
 
@@ -196,10 +203,7 @@ def generate_logits(model, ids, new_tokens, **kwargs):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_latent_kv_cache_matches_the_uncached_model_over_256_tokens(family, tmp_path):
-    model, plan = compressed_model(family)
-    out = save_compressed(model, plan, tmp_path / "out")
-    dense_cache, _ = load_compressed(out)
-    latent, _ = load_compressed(out, latent_kv=True)
+    dense_cache, latent = plain_and_latent(family, tmp_path)
     ids = prompt(batch=1, length=8)
     sequences, logits, cache = generate_logits(latent, ids, 256)
     assert all(isinstance(layer, LatentKVLayer) for layer in cache.layers)
@@ -217,10 +221,7 @@ def test_latent_kv_cache_matches_the_uncached_model_over_256_tokens(family, tmp_
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_latent_kv_cache_keeps_positions_under_left_padding(family, tmp_path):
-    model, plan = compressed_model(family)
-    out = save_compressed(model, plan, tmp_path / "out")
-    plain, _ = load_compressed(out)
-    latent, _ = load_compressed(out, latent_kv=True)
+    plain, latent = plain_and_latent(family, tmp_path)
     ids = prompt(batch=2, length=12)
     mask = torch.ones_like(ids)
     ids[1, :5], mask[1, :5] = 0, 0  # the second prompt is 7 tokens, left-padded
