@@ -40,6 +40,7 @@ from sigmascale_core.pipeline import (
     CalibrationConfig,
     build_plan,
     calibrate,
+    compress_sequential,
     evaluate_perplexity,
     probe_config_for,
     uniform_plan,
@@ -195,17 +196,25 @@ class Study:
     def model_row(
         self, method: str, options: dict, retention: float, allocation: str, probe_method: str | None = None
     ) -> dict:
+        """allocation: uniform, greedy (on `probe_method`'s proxy) or sequential (uniform ranks, each
+        layer calibrated on the compressed layers before it, with CALIBRATION's windows). The losses are
+        on the dense model's statistics either way."""
         loaded = dataclasses.replace(self.loaded, model=copy.deepcopy(self.loaded.model))
         started = time.perf_counter()
-        if allocation == "uniform":
+        if allocation in ("uniform", "sequential"):
             plan, planning = uniform_plan(loaded, retention, method, options), {}
         else:
             plan, planning = self.plan(method, options, retention, probe_method or method)
         plan_seconds = time.perf_counter() - started
         started = time.perf_counter()
-        factors = compress(loaded.model, plan, self.stats)
+        if allocation == "sequential":
+            compress_sequential(loaded, plan, CALIBRATION)
+            fitted = {name: get_module(loaded.model, name) for name in plan.compressed}
+            dense = {name: m.left.weight @ m.right.weight for name, m in fitted.items()}
+        else:
+            dense = {name: f.to_dense() for name, f in compress(loaded.model, plan, self.stats).items()}
         compress_seconds = time.perf_counter() - started
-        losses = {name: self.losses(name, f.to_dense()) for name, f in factors.items()}
+        losses = {name: self.losses(name, W_hat.detach()) for name, W_hat in dense.items()}
         perplexity = evaluate_perplexity(loaded, list(DEFAULT_EVALUATION_TEXTS), None, MAX_EVAL_TOKENS)
         return {
             "method": method,
@@ -301,6 +310,13 @@ def main() -> None:
             "sigmascale",
         ),
         "model:sigmascale whiten+shrink uniform 0.9": ("sigmascale", whiten, 0.9, "uniform", None),
+        "model:sigmascale whiten+shrink sequential uniform 0.75": (
+            "sigmascale",
+            whiten,
+            0.75,
+            "sequential",
+            None,
+        ),
         "model:sigmascale whiten-init uniform 0.75": (
             "sigmascale",
             {**WHITEN, "shrink": 0.0},
