@@ -167,7 +167,7 @@ def test_a_deep_link_on_a_cold_server_opens_the_app(server, page):
     """First in the module, so the server has served nobody yet: a bookmark of /ranks must get the app
     (its navigation, its wide layout), not Streamlit's own page list of a folder named pages/."""
     page.goto(f"{server['base']}/ranks")
-    page.get_by_role("heading", name="Ranks").wait_for(timeout=120_000)
+    page.get_by_role("heading", name="Ranks", exact=True).wait_for(timeout=120_000)
     sidebar = page.get_by_test_id("stSidebarNav")
     expect(sidebar).to_contain_text("Model & data")
     expect(sidebar.get_by_text("shared", exact=True)).to_have_count(0)
@@ -178,7 +178,7 @@ def test_a_deep_link_on_a_cold_server_opens_the_app(server, page):
 
 def test_every_page_then_an_edit_then_a_run(server, page):
     page.goto(server["base"])
-    page.get_by_role("heading", name="Model & data").wait_for(timeout=60_000)
+    page.get_by_role("heading", name="Model & data", exact=True).wait_for(timeout=60_000)
     expect(page.get_by_role("button", name="Apply")).to_be_visible()
     # the background work shows its progress at once, and fills in without a click
     expect(page.get_by_text("spectra of W").first).to_be_visible(timeout=60_000)
@@ -186,7 +186,7 @@ def test_every_page_then_an_edit_then_a_run(server, page):
 
     second = page.context.new_page()  # another tab on the same server sees the same service
     second.goto(f"{server['base']}/spectra")
-    second.get_by_role("heading", name="Spectra").wait_for(timeout=60_000)
+    second.get_by_role("heading", name="Spectra", exact=True).wait_for(timeout=60_000)
     second.get_by_text("Overview: layers × matrices").wait_for(timeout=240_000)
     shot(second, "2_spectra_second_tab")
 
