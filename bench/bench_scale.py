@@ -31,7 +31,7 @@ from paper_baseline import paper_sigmascale
 
 from sigmascale_core import ActivationStats, activation_loss, decompose, rank_for_retention
 from sigmascale_core.calibration import collect_stats
-from sigmascale_core.methods import METHODS, truncation_loss
+from sigmascale_core.methods import METHOD_OPTIONS, METHODS, truncation_loss
 
 # Llama-3.1-8B (meta-llama/Llama-3.1-8B config.json); vocab shrunk: it does not enter any measured cost
 LLAMA_8B = dict(
@@ -126,6 +126,7 @@ def shape_rows(
         W, stats = synthetic_problem(m, n, device, seed=i)
         rank = rank_for_retention(m, n, RETENTION)
         row: dict = {"shape": kind, "m": m, "n": n, "rank": rank, "seconds": {}, "loss": {}}
+        row["sigmascale_init"] = METHOD_OPTIONS["sigmascale"]["init"]  # what the sigmascale times ran
         for method in ("svd", "asvd", "svdllm"):
             factors, seconds = timed(
                 lambda W=W, stats=stats, rank=rank, method=method: decompose(W, stats, rank, method), device
@@ -217,8 +218,9 @@ def memory_model(tokens: int) -> dict[str, float]:
     }
 
 
-def op_counts(m: int, n: int, rank: int, method: str) -> dict[str, float]:
-    """Flops of the dominant ops of one fit (see methods.py): matmuls by dtype and eigh sizes."""
+def op_counts(m: int, n: int, rank: int, method: str, init: str = "whiten") -> dict[str, float]:
+    """Flops of the dominant ops of one fit (see methods.py): matmuls by dtype and eigh sizes; sigmascale
+    with `init` (the default "whiten" adds svdllm's Cholesky, W·L and the two solves for L⁻¹·G·L⁻ᵀ)."""
     s, big = min(m, n), max(m, n)
     eigh = 9 * s**3
     truncate = {"matmul64": 2 * big * s * s + 2 * big * s * rank, "eigh": eigh}
@@ -230,8 +232,9 @@ def op_counts(m: int, n: int, rank: int, method: str) -> dict[str, float]:
     check = {"matmul64": 2 * big * s * s + 6 * s**3, "eigh": eigh}
     # truncation_loss's constant, once per loss function: WᵀW (m ≥ n), W·G·Wᵀ (m < n, with the n² Gram)
     setup = 2 * m * n * n + (2 * m * m * n if m < n else 0)
+    whiten = n**3 / 3 + 2 * m * n * n + 2 * n**3 if init == "whiten" else 0
     return {
-        "matmul64": truncate["matmul64"] + 2 * check["matmul64"] + setup,
+        "matmul64": truncate["matmul64"] + 2 * check["matmul64"] + setup + whiten,
         "matmul32": OUR_STEPS * step["matmul32"] + 2 * big * s * s + setup,
         "eigh": eigh * (1 + 2),  # the truncation, the float64 re-check
         "eigh32": eigh * (OUR_STEPS + 1),  # one per loop step, float32
@@ -311,7 +314,8 @@ def check_op_model(rows: list[dict], rates: dict[str, float]) -> dict[str, float
         return sum(counts.get(k, 0) / rates[k] for k in rates)
 
     return {
-        f"{r['shape']}/{method}": seconds(op_counts(r["m"], r["n"], r["rank"], method)) / r["seconds"][method]
+        f"{r['shape']}/{method}": seconds(op_counts(r["m"], r["n"], r["rank"], method, r["sigmascale_init"]))
+        / r["seconds"][method]
         for r in rows
         for method in METHODS
     }
@@ -404,7 +408,7 @@ def main() -> None:
     }
     if args.resume and args.json is not None and args.json.exists():  # keep what an earlier run measured
         earlier = json.loads(args.json.read_text())
-        kept = ("shapes", "calibration", "batched_eigh", "rates_this_device")
+        kept = ("shapes", "calibration", "batched_eigh", "rates_this_device", "measured")
         result.update({k: earlier[k] for k in kept if k in earlier})
     result.setdefault("shapes", [])
     if "calibration" not in result:
@@ -428,11 +432,14 @@ def main() -> None:
     result["design_70b"] = design_70b(32 * 2048)
     result["whole_8b"] = whole_model(result["shapes"], result["calibration"], 32 * 2048, args.paper_tokens)
     result["memory_model_gib"] = memory_model(32 * 2048)
-    result["measured"] = {
-        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-        **({"peak_cuda_gib": torch.cuda.max_memory_allocated() / 2**30} if device.type == "cuda" else {}),
-        "bench_seconds": time.perf_counter() - started,
-    }
+    result.setdefault(
+        "measured",
+        {  # the first run's (a --resume that only recomputes keeps them)
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            **({"peak_cuda_gib": torch.cuda.max_memory_allocated() / 2**30} if device.type == "cuda" else {}),
+            "bench_seconds": time.perf_counter() - started,
+        },
+    )
     print(json.dumps(result, indent=2))
     save(result, args.json)
 

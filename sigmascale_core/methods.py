@@ -21,12 +21,16 @@ from sigmascale_core.spectral import gram_eigh, singular_values, tail_projector,
 from sigmascale_core.stats import ActivationStats
 
 METHODS = ("svd", "asvd", "svdllm", "sigmascale")
+# The dtype of a decomposition's truncation (W_s, its SVD, the factors mapped back): float32 halves its
+# memory for 8B-scale shapes; Cholesky, the whitened Gram and sigmascale's final check stay float64.
+COMPUTE_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 # The options each method accepts, with their defaults.
 METHOD_OPTIONS: dict[str, dict[str, object]] = {
-    "svd": {},
-    "asvd": {"alpha": 0.5},  # column scale = abs_mean ** alpha
-    "svdllm": {"shrink": 0.0},  # λ: whiten (1−λ)·G + λ·diag(G) instead of G (0: G itself, SVD-LLM)
+    "svd": {"compute_dtype": "float64"},
+    "asvd": {"alpha": 0.5, "compute_dtype": "float64"},  # column scale = abs_mean ** alpha
+    # λ: whiten (1−λ)·G + λ·diag(G) instead of G (0: G itself, SVD-LLM)
+    "svdllm": {"shrink": 0.0, "compute_dtype": "float64"},
     "sigmascale": {
         "steps": 20,  # Adam steps on (r, c)
         "lr": 0.05,  # Adam learning rate, in log-scale units
@@ -37,6 +41,7 @@ METHOD_OPTIONS: dict[str, dict[str, object]] = {
         "seed": 0,  # seeds the start: the optimiser is deterministic for a given seed
         "init_noise": 0.0,  # std of Gaussian noise added to the initial (r, c)
         "shrink": 0.01,  # λ of the whitened Gram, as svdllm's (init="whiten"; other inits ignore it)
+        "compute_dtype": "float64",
     },
 }
 SIGMASCALE_INITS = ("identity", "asvd", "whiten")
@@ -70,6 +75,12 @@ class Scaling:
     row: torch.Tensor | None = None  # (m,)
     col: torch.Tensor | None = None  # (n,) diagonal, or (n, n) lower-triangular L
     jitter: float = 0.0  # λ in L·Lᵀ = gram + λ·I, when the whitening needed one
+    compute_dtype: torch.dtype = torch.float64  # what `truncate` runs in (row and col are kept float64)
+
+    def to(self, dtype: torch.dtype) -> Scaling:
+        """The same scaling with its tensors in `dtype`."""
+        cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+        return Scaling(cast(self.row), cast(self.col), self.jitter, self.compute_dtype)
 
     def apply(self, W: torch.Tensor) -> torch.Tensor:
         """W_s = S_row · W · S_col."""
@@ -113,6 +124,10 @@ def check_options(method: str, options: dict[str, object] | None) -> dict[str, o
         if kind in (int, float) and (value != value or value in (float("inf"), float("-inf"))):
             raise ValueError(f"option {key} of {method} must be finite, got {value!r}")
     merged = {**allowed, **options}
+    if merged["compute_dtype"] not in COMPUTE_DTYPES:
+        raise ValueError(
+            f"option compute_dtype of {method} must be one of {tuple(COMPUTE_DTYPES)}, got {merged['compute_dtype']!r}"
+        )
     if "shrink" in merged and not 0 <= merged["shrink"] < 1:
         raise ValueError(f"option shrink of {method} must be in [0, 1), got {merged['shrink']!r}")
     if method == "sigmascale":
@@ -184,31 +199,35 @@ def shrunk_gram(gram: torch.Tensor, shrink: float) -> torch.Tensor:
 def _fit_scaling(
     W: torch.Tensor, stats: ActivationStats | None, rank: int | None, method: str, opts: dict[str, object]
 ) -> Scaling:
+    dtype = COMPUTE_DTYPES[opts["compute_dtype"]]
     if method == "svd":
-        return Scaling()
+        return Scaling(compute_dtype=dtype)
     abs_mean = stats.abs_mean.to(device=W.device, dtype=torch.float64)
     if method == "asvd":
-        return Scaling(col=asvd_col_scale(abs_mean, opts["alpha"]))
+        return Scaling(col=asvd_col_scale(abs_mean, opts["alpha"]), compute_dtype=dtype)
     gram = stats.gram.to(W.device)
     if method == "svdllm":
         L, jitter = whitening_factor(shrunk_gram(gram, opts["shrink"]))
-        return Scaling(col=L, jitter=jitter)
+        return Scaling(col=L, jitter=jitter, compute_dtype=dtype)
     if rank is None:
         raise ValueError("method 'sigmascale' learns its scaling for one rank: pass rank=")
     return learn_scaling(W, gram, abs_mean, rank, **opts)
 
 
 def _truncate(
-    W64: torch.Tensor, scaling: Scaling, rank: int
+    W: torch.Tensor, scaling: Scaling, rank: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    left, right, sigma = truncated_svd(scaling.apply(W64), rank)
-    return scaling.unapply_left(left), scaling.unapply_right(right), sigma
+    """(left, right, σ) of the rank-k truncation, computed in the scaling's compute dtype."""
+    cast = scaling.to(scaling.compute_dtype)
+    left, right, sigma = truncated_svd(cast.apply(W.to(scaling.compute_dtype)), rank)
+    return cast.unapply_left(left), cast.unapply_right(right), sigma
 
 
 def decompose(
     W: torch.Tensor, stats: ActivationStats | None, rank: int, method: str = "svd", **options: object
 ) -> LowRankFactors:
-    """Rank-`rank` factors of W by `method`; float64 math on W's device, factors in W's dtype."""
+    """Rank-`rank` factors of W by `method` on W's device, factors in W's dtype. The math is float64, or
+    float32 with `compute_dtype="float32"` (Cholesky, the whitened Gram and sigmascale's check stay float64)."""
     return truncate(W, fit_scaling(W, stats, method, rank, **options), rank, method)
 
 
@@ -219,21 +238,20 @@ def fit_scaling(
     rank: int | None = None,
     **options: object,
 ) -> Scaling:
-    """The scaling `method` truncates W under (float64, W's device); sigmascale learns it at `rank`
-    (checked whenever given). Fitted once, it serves every rank through `truncate` (how the probe and
-    the curves use sigmascale)."""
+    """The scaling `method` truncates W under (float64, W's device; the truncation's dtype recorded in
+    it); sigmascale learns it at `rank` (checked whenever given). Fitted once, it serves every rank
+    through `truncate` (how the probe and the curves use sigmascale)."""
     opts = _options(method, options)
     _check_inputs(W, stats, method)
     if rank is not None:
         check_rank(rank, *W.shape)
-    return _fit_scaling(W.to(torch.float64), stats, rank, method, opts)
+    return _fit_scaling(W.to(COMPUTE_DTYPES[opts["compute_dtype"]]), stats, rank, method, opts)
 
 
 def truncate(W: torch.Tensor, scaling: Scaling, rank: int, method: str) -> LowRankFactors:
-    """Rank-`rank` factors of W under a fitted `scaling` (float64 math, factors in W's dtype)."""
+    """Rank-`rank` factors of W under a fitted `scaling` (math in its compute dtype, factors in W's)."""
     check_rank(rank, *W.shape)
-    W64 = W.to(torch.float64)
-    left, right, sigma = _truncate(W64, scaling, rank)
+    left, right, sigma = _truncate(W, scaling, rank)
     diagonal_col = scaling.col if scaling.col is not None and scaling.col.ndim == 1 else None
     return LowRankFactors(
         left=left.to(W.dtype),
@@ -285,7 +303,8 @@ def method_curves(
     measured: tuple[ActivationStats, ...],
     **options: object,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """(σ of the scaled matrix `method` truncates, [its loss curve on each of `measured`]), float64.
+    """(σ of the scaled matrix `method` truncates, [its loss curve on each of `measured`]), float64
+    whatever `compute_dtype` says (it sets how `decompose` truncates; these are the views of it).
 
     The scaling is fitted once on `stats` and one eigendecomposition serves every curve: what the app
     shows per matrix (calibration and held-out curves) costs one fit, not one per curve.
@@ -339,6 +358,7 @@ def learn_scaling(
     seed: int = 0,
     init_noise: float = 0.0,
     shrink: float = 0.01,
+    compute_dtype: str = "float64",
 ) -> Scaling:
     """SigmaScale: learn log-scales r (m), c (n) minimising ‖(W − W′)X‖²/‖WX‖² + l2·(mean r² + mean c²),
     W′ = diag(e⁻ʳ)·T_k(diag(eʳ) W diag(eᶜ))·diag(e⁻ᶜ), by Adam through the rank-k truncation.
@@ -352,7 +372,8 @@ def learn_scaling(
     whitening factor of shrunk_gram(G, shrink): ‖(W − W′)X‖² is unchanged by that change of variables,
     the start (r = c = 0) is svdllm's truncation (with the same shrink), and S_col = L·diag(eᶜ) stays
     lower-triangular. At shrink = 0, G̃ = I and whitening is already optimal; with shrink > 0 the scales
-    recover part of what shrinking gave up on the calibration tokens.
+    recover part of what shrinking gave up on the calibration tokens. W̃ is formed in `compute_dtype`,
+    G̃ (two triangular solves with L: conditioning) and the check in float64.
     """
     check_options(
         "sigmascale",
@@ -365,13 +386,15 @@ def learn_scaling(
             "seed": seed,
             "init_noise": init_noise,
             "shrink": shrink,
+            "compute_dtype": compute_dtype,
         },
     )
+    dtype = COMPUTE_DTYPES[compute_dtype]
     L, jitter = None, 0.0
     if init == "whiten":
         gram = gram.to(device=W.device, dtype=torch.float64)
         L, jitter = whitening_factor(shrunk_gram(gram, shrink))
-        W = W.to(torch.float64) @ L  # W̃ = W·L
+        W = W.to(dtype) @ L.to(dtype)  # W̃ = W·L
         Linv_G = torch.linalg.solve_triangular(L, gram, upper=False)  # L⁻¹·G
         gram = torch.linalg.solve_triangular(L, Linv_G.mT, upper=False)  # L⁻¹·(L⁻¹·G)ᵀ = L⁻¹·G·L⁻ᵀ
         gram = (gram + gram.mT) / 2
@@ -382,7 +405,8 @@ def learn_scaling(
         exact = truncation_loss(W.to(torch.float64), gram.to(torch.float64), rank)
         best = min((best, start), key=lambda rc: float(exact(rc[0].double(), rc[1].double())))
     row, col = best[0].double().exp(), best[1].double().exp()
-    return Scaling(row=row, col=col if L is None else L * col, jitter=jitter)  # L·diag(eᶜ)
+    col = col if L is None else L * col  # L·diag(eᶜ)
+    return Scaling(row=row, col=col, jitter=jitter, compute_dtype=dtype)
 
 
 def choose_shrink(

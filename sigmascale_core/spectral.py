@@ -1,6 +1,6 @@
 """Truncated SVD through the eigendecomposition of the smaller Gram XᵀX, with an exact, stable gradient.
 
-Why not torch.linalg.svd: `eigh` of the min(m,n)² Gram is 3–4× faster on CPU, and the best rank-k
+Why not torch.linalg.svd (in float64): `eigh` of the min(m,n)² Gram is 2–4× faster on CPU, and the best rank-k
 approximation T_k(X) = X·V_k·V_kᵀ depends only on the *subspace* of the top k singular vectors, so its
 derivative needs no singular vectors beyond that subspace's projector and couples kept with dropped
 directions only. torch's SVD backward divides by σᵢ²−σⱼ² for every pair and turns NaN on any repeated
@@ -27,10 +27,17 @@ def truncated_svd(X: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tenso
     """(left, right, σ): X ≈ left @ right with left (m, k) = U_k·Σ_k^½, right (k, n) = Σ_k^½·V_kᵀ.
 
     σ holds all min(m, n) singular values. The balanced split keeps both factors equally scaled. A
-    direction whose eigenvalue is at the Gram's rounding level (λ ≤ n·ε·λ₀: X is numerically rank
-    deficient there) gets zero factors; it would otherwise be noise divided by a near-zero √σ. Dropping
-    it costs at most n·ε·λ₀ of ‖X‖², below what the Gram can resolve.
+    direction below X's rounding level gets zero factors; it would otherwise be noise divided by a
+    near-zero √σ. float64 goes through the Gram's `eigh` (fast; its λ ≤ n·ε·λ₀ cut costs at most that
+    much of ‖X‖²). Any other dtype goes through `torch.linalg.svd` (σ ≤ max(m, n)·ε·σ₀ cut): squaring X
+    in float32 leaves only σ ≳ 0.02·σ₀ resolved at n = 4096, which lost 1.6× of the loss on one of
+    SmolLM2's whitened down-projections at 0.75 (bench/bench_compute_dtype.py).
     """
+    if X.dtype != torch.float64:
+        U, sigma, Vh = torch.linalg.svd(X, full_matrices=False)
+        live = sigma[:rank] > max(X.shape) * torch.finfo(X.dtype).eps * sigma[0]
+        root = torch.where(live, sigma[:rank], 0).sqrt()
+        return U[:, :rank] * root, root[:, None] * Vh[:rank], sigma
     if X.shape[0] < X.shape[1]:
         right_t, left_t, sigma = truncated_svd(X.mT, rank)
         return left_t.mT, right_t.mT, sigma

@@ -13,7 +13,8 @@ from sigmascale_core.probing import proxy_sensitivity
 from sigmascale_core.surgery import target_shapes
 
 BAD_OPTIONS = [  # (method, options, what the error names)
-    ("svd", {"alpha": 0.5}, "unknown option(s) ['alpha'] for method 'svd'; it takes: none"),
+    ("svd", {"alpha": 0.5}, "unknown option(s) ['alpha'] for method 'svd'; it takes: compute_dtype"),
+    ("svdllm", {"compute_dtype": "float16"}, "compute_dtype of svdllm must be one of ('float64', 'float32')"),
     ("asvd", {"alpha": "half"}, "option alpha of asvd expects float, got 'half'"),
     ("sigmascale", {"steps": 1.5}, "option steps of sigmascale expects int, got 1.5"),
     ("sigmascale", {"steps": True}, "expects int, got True"),
