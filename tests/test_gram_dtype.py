@@ -1,11 +1,17 @@
 """float32 Gram storage (issue 18): half the memory, the same truncations to float64 rounding."""
 
 import dataclasses
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
+from test_distributed import REPO, _args
 from test_text import WORDS, word_tokenizer, write_docs
-from tiny import tiny_model
+from tiny import save_tiny_model, tiny_model
 
 from sigmascale_core.calibration import load_stats, save_stats, stats_cache_path
 from sigmascale_core.cli import _calibration_config, build_parser, compression_config, main
@@ -13,7 +19,13 @@ from sigmascale_core.compute import ServiceConfig
 from sigmascale_core.methods import decompose, loss_curve
 from sigmascale_core.metrics import activation_loss, rank_for_retention
 from sigmascale_core.models import LoadedModel, model_fingerprint, tokenizer_fingerprint
-from sigmascale_core.pipeline import CalibrationConfig, calibrate, calibration_key
+from sigmascale_core.pipeline import (
+    CalibrationConfig,
+    CompressionConfig,
+    calibrate,
+    calibration_key,
+    check_config,
+)
 from sigmascale_core.stats import ActivationStats
 
 
@@ -216,3 +228,42 @@ def test_bad_gram_dtype_exits_2_naming_the_choices(capsys):
 def test_bad_gram_dtype_in_a_config_is_refused():
     with pytest.raises(ValueError, match="--gram-dtype must be one of float64, float32"):
         CalibrationConfig(gram_dtype="float16")
+
+
+def test_compression_config_carries_gram_dtype_through_its_json_twin(tmp_path):
+    config = CompressionConfig(out=str(tmp_path / "o"), retention=0.5, gram_dtype="float32")
+    again = CompressionConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+    assert again == config and again.calibration.gram_dtype == "float32"
+    with pytest.raises(ValueError, match="--gram-dtype"):
+        check_config(dataclasses.replace(config, gram_dtype="float16"))
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_fit_float32_statistics_as_one_process(tmp_path, monkeypatch):
+    tiny_dir = tmp_path / "tiny"
+    save_tiny_model(tiny_dir)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SIGMASCALE_CACHE", str(cache))
+    single, sharded = tmp_path / "single", tmp_path / "sharded"
+    args = [*[a for a in _args(tiny_dir, "svdllm", single) if a], "--gram-dtype", "float32"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each torchrun rank (OMP_NUM_THREADS=1): the same kernels
+    try:
+        assert main(args) == 0  # caches the float32 stats
+    finally:
+        torch.set_num_threads(threads)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "SIGMASCALE_CACHE": str(cache)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    sharded_args = [*[a for a in _args(tiny_dir, "svdllm", sharded) if a], "--gram-dtype", "float32"]
+    done = subprocess.run(
+        [*command, "-m", "sigmascale_core.cli", *sharded_args, "--distributed"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((sharded / "report.json").read_text())
+    assert report["calibration"]["gram_dtype"] == "float32" and report["calibration"]["cached"]
+    ours, theirs = load_file(sharded / "model.safetensors"), load_file(single / "model.safetensors")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], t) for k, t in theirs.items())
