@@ -29,7 +29,7 @@ from sigmascale_core.models import (
     target_matrices,
 )
 from sigmascale_core.progress import Progress
-from sigmascale_core.stats import ActivationStats
+from sigmascale_core.stats import ActivationStats, resolve_gram_dtype
 
 STATS_FORMAT = "1"  # bump when the layout of a stats file changes
 
@@ -72,14 +72,16 @@ def collect_stats(
     stats_device: torch.device | str = "cpu",
     progress: Progress | None = None,
     compress_layer: Callable[[int, dict[str, ActivationStats]], None] | None = None,
+    gram_dtype: str = "float64",
 ) -> dict[str, ActivationStats]:
     """Statistics of every input group of every decoder layer on `input_ids` (n_samples, seq_len).
 
     Keys are stats_key(layer, group). With `compress_layer(i, stats_of_layer_i)` (the sequential
-    variant), layer i is compressed in place right after its statistics are collected.
+    variant), layer i is compressed in place right after its statistics are collected. `gram_dtype`
+    ("float64" or "float32") is the Grams' storage (see stats.py).
     """
     stats: dict[str, ActivationStats] = {}
-    steps = layer_stats_steps(model, {"": input_ids}, batch_size, stats_device, compress_layer)
+    steps = layer_stats_steps(model, {"": input_ids}, batch_size, stats_device, compress_layer, gram_dtype)
     for i, (_layer, by_split) in enumerate(steps):
         stats.update(by_split[""])
         if progress is not None:
@@ -93,6 +95,7 @@ def layer_stats_steps(
     batch_size: int = 4,
     stats_device: torch.device | str = "cpu",
     compress_layer: Callable[[int, dict[str, ActivationStats]], None] | None = None,
+    gram_dtype: str = "float64",
 ) -> Iterator[tuple[int, dict[str, dict[str, ActivationStats]]]]:
     """One decoder layer per step: (layer, {split: {stats_key: stats}}) for several token sets at once.
 
@@ -100,6 +103,7 @@ def layer_stats_steps(
     calibration and held-out statistics cost one sweep; a caller can do other work between layers
     (the app's compute service shows each layer's spectra as soon as its statistics exist).
     """
+    dtype = resolve_gram_dtype(gram_dtype)  # ValueError before any work
     for name, ids in splits.items():
         if ids.ndim != 2 or ids.numel() == 0:
             raise ValueError(f"input_ids {name!r} must be (n_samples, seq_len), got shape {tuple(ids.shape)}")
@@ -116,7 +120,9 @@ def layer_stats_steps(
             hooks = []
             for group, kinds in INPUT_GROUPS.items():
                 reader = next(r for r in refs if r.layer == i and r.kind == kinds[0])  # one reader per input
-                current = {name: ActivationStats(reader.in_features, device=device) for name in splits}
+                current = {
+                    name: ActivationStats(reader.in_features, device=device, dtype=dtype) for name in splits
+                }
                 layer_stats[group] = current
                 hooks.append(
                     get_module(model, reader.name).register_forward_pre_hook(

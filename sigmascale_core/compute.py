@@ -43,7 +43,7 @@ from sigmascale_core.artifacts import cache_root, write_json_atomic
 from sigmascale_core.bank import SpectraBank, reference_rank
 from sigmascale_core.calibration import layer_stats_steps, load_stats, save_stats, stats_cache_path, stats_key
 from sigmascale_core.models import LoadedModel, MatrixRef, get_module, load_model, target_matrices
-from sigmascale_core.pipeline import CalibrationConfig, parameter_count
+from sigmascale_core.pipeline import CalibrationConfig, calibration_key, parameter_count
 from sigmascale_core.progress import ProgressEvent
 from sigmascale_core.stats import ActivationStats
 from sigmascale_core.text import DEFAULT_HELDOUT_TEXT, calibration_batch, check_disjoint
@@ -86,6 +86,11 @@ class ServiceConfig:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {sorted(DTYPES)}")
         if not 0 < self.reference_retention <= 1:
             raise ValueError(f"reference_retention must be in (0, 1], got {self.reference_retention!r}")
+        if self.calibration.gram_dtype != self.heldout.gram_dtype:  # one sweep computes both
+            raise ValueError(
+                f"the calibration and held-out Grams must share a dtype, got {self.calibration.gram_dtype} "
+                f"and {self.heldout.gram_dtype}"
+            )
 
     def check(self) -> None:
         """ValueError if the calibration and held-out texts share documents (cheap; before any work)."""
@@ -305,8 +310,8 @@ class ComputeService:
         refs = target_matrices(loaded.model)
         key = spectra.SpectraKey.build(
             loaded.fingerprint,
-            spectra.calibration_key(loaded, self.config.calibration),
-            spectra.calibration_key(loaded, self.config.heldout),
+            calibration_key(loaded, self.config.calibration),
+            calibration_key(loaded, self.config.heldout),
         )
         bank = SpectraBank(refs, parameter_count(loaded.model))
         self._weights = {r.name: get_module(loaded.model, r.name).weight.detach() for r in refs}
@@ -368,7 +373,7 @@ class ComputeService:
     def _load_cached_stats(self) -> None:
         """Whole-model statistics from the calibration cache (the same files `pipeline.calibrate` uses)."""
         for split, config in self._splits().items():
-            key = spectra.calibration_key(self.loaded, config)
+            key = calibration_key(self.loaded, config)
             cached = load_stats(stats_cache_path(key), key)
             if cached is not None:
                 self._stats[split] = cached
@@ -538,7 +543,10 @@ class ComputeService:
                 for split, c in missing.items()
             }
             self._sweep_splits = list(missing)
-            self._sweep = layer_stats_steps(loaded.model, ids, self.config.calibration.batch_size)
+            calibration = self.config.calibration
+            self._sweep = layer_stats_steps(
+                loaded.model, ids, calibration.batch_size, gram_dtype=calibration.gram_dtype
+            )
         with self.model_lock:
             layer, by_split = next(self._sweep)
         for split in self._sweep_splits:
@@ -547,7 +555,7 @@ class ComputeService:
         if len(self._stats_layers) == len(self._refs()):
             self._sweep = None
             for split in self._sweep_splits:  # the whole-model cache `pipeline.calibrate` reads too
-                key = spectra.calibration_key(self.loaded, self._splits()[split])
+                key = calibration_key(self.loaded, self._splits()[split])
                 save_stats(self._stats[split], stats_cache_path(key), key)
 
     # -- across processes ----------------------------------------------------------------------------

@@ -64,7 +64,7 @@ def activation_loss(
     check_stats(stats, W.shape[1])
     if reduction not in LOSS_REDUCTIONS:
         raise ValueError(f"unknown reduction {reduction!r}; choose one of {LOSS_REDUCTIONS}")
-    gram = stats.gram.to(W.device)
+    gram = stats.gram.to(device=W.device, dtype=torch.float64)  # a float32 Gram too: the loss is float64
     W64 = W.to(torch.float64)
     error = gram_error(W64 - W_hat.to(device=W.device, dtype=torch.float64), gram)
     if reduction == "sum":

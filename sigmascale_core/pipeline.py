@@ -33,7 +33,7 @@ from sigmascale_core.plan import CompressionPlan
 from sigmascale_core.probing import NESTED_METHODS, ProbeConfig, probe
 from sigmascale_core.progress import EventSink, Progress, tracked
 from sigmascale_core.speed import Speedup, keep_dense_where_slower
-from sigmascale_core.stats import ActivationStats
+from sigmascale_core.stats import GRAM_DTYPES, ActivationStats
 from sigmascale_core.surgery import (
     apply_factors,
     check_output_dir,
@@ -72,10 +72,13 @@ class CalibrationConfig:
     seq_len: int | None = None  # tokens per sequence; None: 512 on CPU, 2048 on GPU (the paper's)
     seed: int = 0  # which windows of the text are drawn
     batch_size: int = 4  # sequences per forward pass
+    gram_dtype: str = "float64"  # the Grams' storage, one of GRAM_DTYPES ("float32" halves their memory)
 
     def __post_init__(self) -> None:
         for name in ("samples", "seq_len", "batch_size"):
             check_positive(f"--{name.replace('_', '-')}", getattr(self, name), optional=name == "seq_len")
+        if self.gram_dtype not in GRAM_DTYPES:
+            raise ValueError(f"--gram-dtype must be one of {', '.join(GRAM_DTYPES)}, got {self.gram_dtype!r}")
 
     def resolved_seq_len(self, device: torch.device) -> int:
         return self.seq_len or (2048 if device.type == "cuda" else 512)
@@ -83,6 +86,24 @@ class CalibrationConfig:
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def calibration_key(loaded: LoadedModel, config: CalibrationConfig) -> dict[str, object]:
+    """What `config`'s statistics of this model depend on: their cache key (pipeline.calibrate's and the
+    app's). gram_dtype only when not float64, so float64 statistics keep the keys, and the cache files,
+    they had before the option existed."""
+    device = execution_device(loaded.model.get_input_embeddings())  # also under a device map
+    key: dict[str, object] = {
+        "model": loaded.fingerprint,
+        "tokenizer": tokenizer_fingerprint(loaded.tokenizer),
+        "text": config.text,
+        "samples": config.samples,
+        "seq_len": config.resolved_seq_len(device),
+        "seed": config.seed,
+    }
+    if config.gram_dtype != "float64":
+        key["gram_dtype"] = config.gram_dtype
+    return key
 
 
 def calibrate(
@@ -95,18 +116,10 @@ def calibrate(
 
     Returns (stats, info) where info says where they came from, how many tokens and how long it took.
     """
-    device = execution_device(loaded.model.get_input_embeddings())  # also under a device map
-    seq_len = config.resolved_seq_len(device)
-    key = {
-        "model": loaded.fingerprint,
-        "tokenizer": tokenizer_fingerprint(loaded.tokenizer),
-        "text": config.text,
-        "samples": config.samples,
-        "seq_len": seq_len,
-        "seed": config.seed,
-    }
+    key = calibration_key(loaded, config)
+    seq_len = int(key["seq_len"])
     path = stats_cache_path(key)
-    info = {**key, "tokens": config.samples * seq_len, "cache": str(path)}
+    info = {**key, "gram_dtype": config.gram_dtype, "tokens": config.samples * seq_len, "cache": str(path)}
     start = time.perf_counter()
     if use_cache:
         cached = load_stats(path, key)
@@ -115,7 +128,9 @@ def calibrate(
     ids = calibration_batch(
         loaded.tokenizer, loaded.family, config.text, config.samples, seq_len, config.seed
     )
-    stats = collect_stats(loaded.model, ids, batch_size=config.batch_size, progress=progress)
+    stats = collect_stats(
+        loaded.model, ids, batch_size=config.batch_size, progress=progress, gram_dtype=config.gram_dtype
+    )
     if use_cache:
         save_stats(stats, path, key)
     return stats, {**info, "cached": False, "seconds": time.perf_counter() - start}
@@ -146,13 +161,19 @@ def compress_sequential(
         jitter.update(whitening_jitter(compress(loaded.model, only_this_layer, keyed)))
 
     stats = collect_stats(
-        loaded.model, ids, batch_size=config.batch_size, progress=progress, compress_layer=compress_layer
+        loaded.model,
+        ids,
+        batch_size=config.batch_size,
+        progress=progress,
+        compress_layer=compress_layer,
+        gram_dtype=config.gram_dtype,
     )
     info = {
         "text": config.text,
         "samples": config.samples,
         "seq_len": seq_len,
         "seed": config.seed,
+        "gram_dtype": config.gram_dtype,
         "tokens": config.samples * seq_len,
         "sequential": True,
         "whitening_jitter": jitter,
@@ -330,6 +351,7 @@ class CompressionConfig:
     seq_len: int | None = None  # tokens per sequence; None: 512 on CPU, 2048 on GPU
     seed: int = 0  # which windows of the calibration text are drawn
     batch_size: int = 4  # sequences per forward pass
+    gram_dtype: str = "float64"  # the calibration Grams' storage: float64, or float32 (half the memory)
     finetune_steps: int = 0  # distillation steps on the factors after compressing (0: none)
     finetune_lr: float = 1e-4  # peak fine-tune learning rate
     finetune_seq_len: int | None = None  # tokens per fine-tune sequence (None: the calibration's)
@@ -352,7 +374,9 @@ class CompressionConfig:
 
     @property
     def calibration(self) -> CalibrationConfig:
-        return CalibrationConfig(self.text, self.samples, self.seq_len, self.seed, self.batch_size)
+        return CalibrationConfig(
+            self.text, self.samples, self.seq_len, self.seed, self.batch_size, self.gram_dtype
+        )
 
 
 def check_device(device: str) -> torch.device:
@@ -385,7 +409,7 @@ def check_finite(model: nn.Module) -> None:
 def check_config(config: CompressionConfig) -> CompressionPlan | None:
     """Every check that needs no model, before anything loads (seconds): numbers, device, method
     options, the plan file, the texts, the output folder. Returns the plan read from config.plan."""
-    config.calibration  # noqa: B018 (its constructor checks samples, seq_len, batch_size)
+    config.calibration  # noqa: B018 (its constructor checks samples, seq_len, batch_size, gram_dtype)
     for name in ("finetune_seq_len", "window", "max_eval_tokens"):
         check_positive(f"--{name.replace('_', '-')}", getattr(config, name), optional=True)
     if isinstance(config.finetune_steps, bool) or not isinstance(config.finetune_steps, int):

@@ -33,8 +33,7 @@ from sigmascale_core.artifacts import cache_root, read_tensors, save_tensors_ato
 from sigmascale_core.calibration import STATS_FORMAT, stats_key
 from sigmascale_core.diagnostics import FIELDS, FLAGS, diagnostics
 from sigmascale_core.methods import METHOD_OPTIONS, method_curves
-from sigmascale_core.models import LoadedModel, MatrixRef, tokenizer_fingerprint
-from sigmascale_core.pipeline import CalibrationConfig
+from sigmascale_core.models import MatrixRef
 from sigmascale_core.spectral import singular_values
 from sigmascale_core.stats import ActivationStats
 
@@ -45,19 +44,6 @@ SPLITS = ("calibration", "heldout")  # which tokens a loss curve is measured on
 
 # ---------------------------------------------------------------------------------------------------
 # Keys and paths
-
-
-def calibration_key(loaded: LoadedModel, config: CalibrationConfig) -> dict[str, object]:
-    """The key under which pipeline.calibrate caches `config`'s stats for this model (same fields)."""
-    device = next(loaded.model.parameters()).device
-    return {
-        "model": loaded.fingerprint,
-        "tokenizer": tokenizer_fingerprint(loaded.tokenizer),
-        "text": config.text,
-        "samples": config.samples,
-        "seq_len": config.resolved_seq_len(device),
-        "seed": config.seed,
-    }
 
 
 @dataclass(frozen=True)
