@@ -490,7 +490,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 def _calibration_args(p: argparse.ArgumentParser) -> None:
     from sigmascale_core.pipeline import DEFAULT_CALIBRATION_TEXT
-    from sigmascale_core.stats import GRAM_DTYPES
+    from sigmascale_core.stats import FLOAT_DTYPES
 
     p.add_argument(
         "--text",
@@ -508,7 +508,7 @@ def _calibration_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass (default: 4)")
     p.add_argument(
         "--gram-dtype",
-        choices=tuple(GRAM_DTYPES),
+        choices=tuple(FLOAT_DTYPES),
         default="float64",
         help="storage of the activation Grams: float32 halves their memory and cache (Llama-3.1-8B: 30.5 "
         "instead of 61 GiB); the methods still whiten and measure the loss in float64 (default: %(default)s)",

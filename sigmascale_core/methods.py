@@ -18,14 +18,13 @@ import torch
 
 from sigmascale_core.metrics import check_matrix, check_rank, check_stats, gram_error
 from sigmascale_core.spectral import gram_eigh, singular_values, tail_projector, truncated_svd
-from sigmascale_core.stats import ActivationStats
+from sigmascale_core.stats import FLOAT_DTYPES, ActivationStats
 
 METHODS = ("svd", "asvd", "svdllm", "sigmascale")
-# The dtype of a decomposition's truncation (W_s, its SVD, the factors mapped back): float32 halves its
-# memory for 8B-scale shapes; Cholesky, the whitened Gram and sigmascale's final check stay float64.
-COMPUTE_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
-# The options each method accepts, with their defaults.
+# The options each method accepts, with their defaults. compute_dtype (one of FLOAT_DTYPES): the dtype of
+# the truncation (W_s, its SVD, the factors mapped back); Cholesky, the whitened Gram and sigmascale's
+# final check stay float64.
 METHOD_OPTIONS: dict[str, dict[str, object]] = {
     "svd": {"compute_dtype": "float64"},
     "asvd": {"alpha": 0.5, "compute_dtype": "float64"},  # column scale = abs_mean ** alpha
@@ -124,9 +123,9 @@ def check_options(method: str, options: dict[str, object] | None) -> dict[str, o
         if kind in (int, float) and (value != value or value in (float("inf"), float("-inf"))):
             raise ValueError(f"option {key} of {method} must be finite, got {value!r}")
     merged = {**allowed, **options}
-    if merged["compute_dtype"] not in COMPUTE_DTYPES:
+    if merged["compute_dtype"] not in FLOAT_DTYPES:
         raise ValueError(
-            f"option compute_dtype of {method} must be one of {tuple(COMPUTE_DTYPES)}, got {merged['compute_dtype']!r}"
+            f"option compute_dtype of {method} must be one of {tuple(FLOAT_DTYPES)}, got {merged['compute_dtype']!r}"
         )
     if "shrink" in merged and not 0 <= merged["shrink"] < 1:
         raise ValueError(f"option shrink of {method} must be in [0, 1), got {merged['shrink']!r}")
@@ -199,13 +198,13 @@ def shrunk_gram(gram: torch.Tensor, shrink: float) -> torch.Tensor:
 def _fit_scaling(
     W: torch.Tensor, stats: ActivationStats | None, rank: int | None, method: str, opts: dict[str, object]
 ) -> Scaling:
-    dtype = COMPUTE_DTYPES[opts["compute_dtype"]]
+    dtype = FLOAT_DTYPES[opts["compute_dtype"]]
     if method == "svd":
         return Scaling(compute_dtype=dtype)
     abs_mean = stats.abs_mean.to(device=W.device, dtype=torch.float64)
     if method == "asvd":
         return Scaling(col=asvd_col_scale(abs_mean, opts["alpha"]), compute_dtype=dtype)
-    gram = stats.gram.to(W.device)
+    gram = stats.gram.to(device=W.device, dtype=torch.float64)  # float32 statistics: cast once, here
     if method == "svdllm":
         L, jitter = whitening_factor(shrunk_gram(gram, opts["shrink"]))
         return Scaling(col=L, jitter=jitter, compute_dtype=dtype)
@@ -245,7 +244,7 @@ def fit_scaling(
     _check_inputs(W, stats, method)
     if rank is not None:
         check_rank(rank, *W.shape)
-    return _fit_scaling(W.to(COMPUTE_DTYPES[opts["compute_dtype"]]), stats, rank, method, opts)
+    return _fit_scaling(W.to(FLOAT_DTYPES[opts["compute_dtype"]]), stats, rank, method, opts)
 
 
 def truncate(W: torch.Tensor, scaling: Scaling, rank: int, method: str) -> LowRankFactors:
@@ -332,7 +331,7 @@ def method_curves(
     V_back = scaling.unapply_right(V.mT)  # (r, n) = Vᵀ S_col⁻¹
     curves = []
     for s in measured:
-        gram = s.gram.to(W.device)
+        gram = s.gram.to(device=W.device, dtype=torch.float64)
         reference = gram_error(W64, gram)
         if reference <= 0:
             raise ValueError("‖WX‖² is zero on these stats: the relative loss is undefined")
@@ -389,7 +388,7 @@ def learn_scaling(
             "compute_dtype": compute_dtype,
         },
     )
-    dtype = COMPUTE_DTYPES[compute_dtype]
+    dtype = FLOAT_DTYPES[compute_dtype]
     L, jitter = None, 0.0
     if init == "whiten":
         gram = gram.to(device=W.device, dtype=torch.float64)

@@ -33,7 +33,7 @@ from sigmascale_core.plan import CompressionPlan
 from sigmascale_core.probing import NESTED_METHODS, ProbeConfig, probe
 from sigmascale_core.progress import EventSink, Progress, tracked
 from sigmascale_core.speed import Speedup, keep_dense_where_slower
-from sigmascale_core.stats import GRAM_DTYPES, ActivationStats
+from sigmascale_core.stats import FLOAT_DTYPES, ActivationStats
 from sigmascale_core.surgery import (
     apply_factors,
     check_output_dir,
@@ -72,13 +72,15 @@ class CalibrationConfig:
     seq_len: int | None = None  # tokens per sequence; None: 512 on CPU, 2048 on GPU (the paper's)
     seed: int = 0  # which windows of the text are drawn
     batch_size: int = 4  # sequences per forward pass
-    gram_dtype: str = "float64"  # the Grams' storage, one of GRAM_DTYPES ("float32" halves their memory)
+    gram_dtype: str = "float64"  # the Grams' storage, one of FLOAT_DTYPES ("float32" halves their memory)
 
     def __post_init__(self) -> None:
         for name in ("samples", "seq_len", "batch_size"):
             check_positive(f"--{name.replace('_', '-')}", getattr(self, name), optional=name == "seq_len")
-        if self.gram_dtype not in GRAM_DTYPES:
-            raise ValueError(f"--gram-dtype must be one of {', '.join(GRAM_DTYPES)}, got {self.gram_dtype!r}")
+        if self.gram_dtype not in FLOAT_DTYPES:
+            raise ValueError(
+                f"--gram-dtype must be one of {', '.join(FLOAT_DTYPES)}, got {self.gram_dtype!r}"
+            )
 
     def resolved_seq_len(self, device: torch.device) -> int:
         return self.seq_len or (2048 if device.type == "cuda" else 512)

@@ -19,15 +19,15 @@ from safetensors.torch import load_file
 from sigmascale_core.artifacts import save_tensors_atomic
 
 _CHUNK_TOKENS = 2048  # rows per matmul: bounds the temporary copy of x and float32 rounding
-GRAM_DTYPES = {"float64": torch.float64, "float32": torch.float32}  # the Gram's storage choices, by name
+FLOAT_DTYPES = {"float64": torch.float64, "float32": torch.float32}  # the Gram's storage, the fits' math
 
 
 def resolve_gram_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    """The torch dtype of a Gram storage choice, given as a name of GRAM_DTYPES or a torch dtype;
+    """The torch dtype of a Gram storage choice, given as a name of FLOAT_DTYPES or a torch dtype;
     ValueError for anything else (a float16 Gram of summed squares would overflow)."""
-    resolved = GRAM_DTYPES.get(dtype) if isinstance(dtype, str) else dtype
-    if resolved not in GRAM_DTYPES.values():
-        raise ValueError(f"the Gram's dtype must be one of {sorted(GRAM_DTYPES)}, got {dtype!r}")
+    resolved = FLOAT_DTYPES.get(dtype) if isinstance(dtype, str) else dtype
+    if resolved not in FLOAT_DTYPES.values():
+        raise ValueError(f"the Gram's dtype must be one of {sorted(FLOAT_DTYPES)}, got {dtype!r}")
     return resolved
 
 

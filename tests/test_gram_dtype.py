@@ -135,12 +135,6 @@ def test_activation_loss_of_float32_stats_is_computed_in_float64():
     assert loss32 == pytest.approx(loss64, rel=1e-6)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="methods.method_curves multiplies a float64 matrix by stats.gram as stored: it must cast "
-    "stats.gram to float64 (as _fit_scaling should); drop this mark with that change",
-)
 def test_loss_curves_of_float32_stats_match_float64_stats():
     x = llm_like_inputs(3000, 32, 6, seed=5)
     W = torch.randn(48, 32, dtype=torch.float64)
