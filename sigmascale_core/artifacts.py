@@ -11,6 +11,7 @@ import shutil
 import socket
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -95,9 +96,13 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
 
 def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
     """Content hash of named tensors (any dtype, any device): a flipped bit anywhere changes it."""
+    return _checksum((name, tensors[name]) for name in sorted(tensors))
+
+
+def _checksum(named: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """tensors_checksum of (name, tensor) pairs given in name order, one tensor in memory at a time."""
     h = hashlib.blake2b(digest_size=16)
-    for name in sorted(tensors):
-        t = tensors[name]
+    for name, t in named:
         h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
         h.update(tensor_bytes(t))
     return h.hexdigest()
@@ -121,17 +126,30 @@ def save_tensors_atomic(
         raise
 
 
-def read_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+def read_tensors(
+    path: str | os.PathLike, keep: Callable[[str], bool] | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
     """(tensors, metadata) of a file written by `save_tensors_atomic`, or None when it is missing,
     unreadable, or its content no longer matches its checksum (a cache entry to rebuild, never to
-    trust). Interrupts (KeyboardInterrupt, SystemExit) pass through: they are not corruption."""
+    trust). With `keep`, only the tensors it accepts are returned, yet every one is read and checked,
+    one at a time: a shard of a big file costs its own memory, not the file's. Interrupts
+    (KeyboardInterrupt, SystemExit) pass through: they are not corruption."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def each(fh) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in sorted(fh.keys()):
+            tensor = fh.get_tensor(name)
+            if keep is None or keep(name):
+                tensors[name] = tensor
+            yield name, tensor
+
     try:
         with safe_open(str(path), framework="pt") as fh:
             metadata = dict(fh.metadata() or {})
-            tensors = {name: fh.get_tensor(name) for name in fh.keys()}  # noqa: SIM118
+            checksum = _checksum(each(fh))
     except Exception:  # missing, truncated, not safetensors
         return None
-    if metadata.pop(CHECKSUM, None) != tensors_checksum(tensors):
+    if metadata.pop(CHECKSUM, None) != checksum:
         return None
     return tensors, metadata
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -172,16 +172,22 @@ def save_stats(stats: dict[str, ActivationStats], path: Path, key: dict[str, obj
     save_tensors_atomic(tensors, path, {"format": STATS_FORMAT, "key": json.dumps(key, sort_keys=True)})
 
 
-def load_stats(path: Path, key: dict[str, object]) -> dict[str, ActivationStats] | None:
-    """The cached stats for `key`, or None when the file is missing, corrupt (checksum), for another key
-    or of another layout: the caller recomputes. An interrupt while reading propagates."""
-    read = read_tensors(path)
+def load_stats(
+    path: Path, key: dict[str, object], only: Collection[str] | None = None
+) -> dict[str, ActivationStats] | None:
+    """The cached stats for `key` (only the stats keys in `only`, when given: a rank's shard), or None
+    when the file is missing, corrupt (checksum), for another key, of another layout or without one of
+    `only`: the caller recomputes. An interrupt while reading propagates."""
+    keep = None if only is None else (lambda name: name.rsplit(".", 1)[0] in only)
+    read = read_tensors(path, keep)
     if read is None:
         return None
     tensors, meta = read
     if meta.get("format") != STATS_FORMAT or meta.get("key") != json.dumps(key, sort_keys=True):
         return None
     names = sorted({name.rsplit(".", 1)[0] for name in tensors})
+    if only is not None and set(only) - set(names):
+        return None
     try:
         return {name: ActivationStats.from_tensors(tensors, prefix=f"{name}.") for name in names}
     except (KeyError, ValueError):  # a layout this version does not know: recompute

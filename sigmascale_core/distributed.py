@@ -130,6 +130,12 @@ def shard_by_cost(shapes: dict[str, tuple[int, int]], world: int) -> list[list[s
     return shards
 
 
+def shard_of(plan: CompressionPlan, group: Group) -> list[str]:
+    """The compressed matrices this rank fits (shard_by_cost over the plan: the same on every rank)."""
+    shapes = {name: tuple(m.shape) for name, m in plan.compressed.items()}
+    return shard_by_cost(shapes, group.world)[group.rank]
+
+
 def factors_to_bytes(factors: dict[str, LowRankFactors]) -> bytes:
     """One safetensors blob: each matrix's tensors under `name.field`, method and jitter in metadata."""
     tensors, meta = {}, {}
@@ -189,18 +195,22 @@ def fit_distributed(
 ) -> tuple[dict[str, LowRankFactors] | None, dict]:
     """Fit this rank's shard of the plan; rank 0 returns every matrix's factors (CPU), the others None.
 
-    Also returns what each rank did (matrices and share of the cost), the same on every rank."""
+    Also returns what each rank did (matrices, share of the cost, statistics held), the same on every
+    rank."""
     shapes = {name: tuple(m.shape) for name, m in plan.compressed.items()}
     shards = shard_by_cost(shapes, group.world)
-    mine = set(shards[group.rank])
+    mine = set(shard_of(plan, group))
     shard_plan = plan.with_ranks({name: None for name in plan.compressed if name not in mine})
     factors = fit_factors(model, shard_plan, stats, progress, device=group.device)
     total = sum(fit_cost(s) for s in shapes.values()) or 1.0
+    held = [torch.zeros(1, dtype=torch.int64, device=group.device) for _ in range(group.world)]
+    dist.all_gather(held, torch.tensor([len(stats)], dtype=torch.int64, device=group.device))
     info = {
         "world_size": group.world,
         "backend": dist.get_backend(),
         "matrices_per_rank": [len(s) for s in shards],
         "cost_share_per_rank": [sum(fit_cost(shapes[n]) for n in s) / total for s in shards],
+        "stats_per_rank": [int(h) for h in held],  # input statistics each rank held (of len(stats) all)
     }
     if not group.is_main:
         _send_bytes(factors_to_bytes(factors), 0, group.device)

@@ -10,7 +10,7 @@ import dataclasses
 import math
 import resource
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -18,7 +18,13 @@ from torch import nn
 
 from sigmascale_core.allocation import STRATEGIES, allocate
 from sigmascale_core.calibration import collect_stats, load_stats, save_stats, stats_cache_path, stats_key
-from sigmascale_core.distributed import Group, check_distributable, fit_distributed, main_rank_first
+from sigmascale_core.distributed import (
+    Group,
+    check_distributable,
+    fit_distributed,
+    main_rank_first,
+    shard_of,
+)
 from sigmascale_core.finetune import distill, evaluate_distillation
 from sigmascale_core.methods import METHOD_OPTIONS, METHODS, LowRankFactors, check_options
 from sigmascale_core.models import (
@@ -39,6 +45,7 @@ from sigmascale_core.surgery import (
     check_output_dir,
     check_plan_matches,
     compress,
+    input_stats_keys,
     save_compressed,
     target_shapes,
 )
@@ -113,8 +120,11 @@ def calibrate(
     config: CalibrationConfig = CalibrationConfig(),
     progress: Progress | None = None,
     use_cache: bool = True,
+    only: Collection[str] | None = None,
 ) -> tuple[dict[str, ActivationStats], dict]:
-    """Statistics of every target's input on the calibration text, from cache/ when computed before.
+    """Statistics of every target's input on the calibration text, from cache/ when computed before;
+    with `only`, just those stats keys are kept (a distributed rank's shard: read from the cache one
+    tensor at a time, or computed whole, saved, then dropped to the shard).
 
     Returns (stats, info) where info says where they came from, how many tokens and how long it took.
     """
@@ -124,7 +134,7 @@ def calibrate(
     info = {**key, "gram_dtype": config.gram_dtype, "tokens": config.samples * seq_len, "cache": str(path)}
     start = time.perf_counter()
     if use_cache:
-        cached = load_stats(path, key)
+        cached = load_stats(path, key, only)
         if cached is not None:
             return cached, {**info, "cached": True, "seconds": time.perf_counter() - start}
     ids = calibration_batch(
@@ -135,6 +145,8 @@ def calibrate(
     )
     if use_cache:
         save_stats(stats, path, key)
+    if only is not None:
+        stats = {name: stats[name] for name in only}
     return stats, {**info, "cached": False, "seconds": time.perf_counter() - start}
 
 
@@ -509,10 +521,14 @@ def run_compression(
     evaluation = list(config.evaluation)
     total_before = parameter_count(loaded.model)
     teacher = copy.deepcopy(loaded.model) if config.finetune_steps else None
-    stats, calibration, planning = None, None, {}
+    stats, calibration, planning, only = None, None, {}, None
+    if group is not None and (plan is not None or config.allocation == "uniform"):
+        # the plan needs no statistics: each rank holds only its shard's (the probe would need all)
+        plan = plan or uniform_plan(loaded, config.retention, config.method, config.options)
+        only = set(input_stats_keys(loaded.model, shard_of(plan, group)).values())
     if not config.sequential or config.allocation != "uniform":  # the probe reads the dense stats
         with main_rank_first(group):  # rank 0 fills the stats cache, the others read it
-            stats, calibration = calibrate(loaded, config.calibration, progress("calibration"))
+            stats, calibration = calibrate(loaded, config.calibration, progress("calibration"), only=only)
     if plan is None:
         windows = None
         if calibration is not None:  # (text, samples, seq_len, seed) of the stats, for the probe

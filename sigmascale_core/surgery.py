@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,12 @@ def check_plan_matches(model: nn.Module, plan: CompressionPlan, fingerprint: str
             )
 
 
+def input_stats_keys(model: nn.Module, names: Iterable[str]) -> dict[str, str]:
+    """{matrix name: the stats key of its input}; matrices that read one input (q/k/v) share a key."""
+    refs = {ref.name: ref for ref in target_matrices(model)}
+    return {name: stats_key(refs[name].layer, GROUP_OF_KIND[refs[name].kind]) for name in names}
+
+
 def fit_factors(
     model: nn.Module,
     plan: CompressionPlan,
@@ -80,14 +87,13 @@ def fit_factors(
     the host (distributed.py gives each rank's GPU its shard). Factors are left on that device.
     """
     check_plan_matches(model, plan)
-    refs = {ref.name: ref for ref in target_matrices(model)}
     todo = plan.compressed
+    keys = input_stats_keys(model, todo)
     factors = {}
     for done, (name, matrix) in enumerate(todo.items(), start=1):
-        ref = refs[name]
         weight = get_module(model, name).weight.detach()
         weight = weight if device is None else weight.to(device)
-        key = stats_key(ref.layer, GROUP_OF_KIND[ref.kind])
+        key = keys[name]
         if key not in stats:
             raise ValueError(f"no calibration stats for {name} (expected key {key!r})")
         layer_stats = stats[key].to(weight.device)

@@ -110,3 +110,16 @@ def test_temp_names_carry_the_writers_pid(tmp_path, monkeypatch):
     save_tensors_atomic({"a": torch.zeros(2)}, tmp_path / "t.safetensors")
     (name,) = seen
     assert name.startswith(f".t.safetensors.{artifacts._HOST}-{os.getpid()}.") and name.endswith(".tmp")
+
+
+def test_read_tensors_keeps_a_subset_yet_checks_every_tensor(tmp_path):
+    path = tmp_path / "t.safetensors"
+    tensors = {"a.gram": torch.arange(6.0).reshape(2, 3), "b.gram": torch.ones(4)}  # stored a, then b
+    save_tensors_atomic(tensors, path, {"k": "v"})
+    kept, meta = read_tensors(path, keep=lambda name: name.startswith("a."))
+    assert kept.keys() == {"a.gram"} and torch.equal(kept["a.gram"], tensors["a.gram"])
+    assert meta == {"k": "v"}
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01  # a bit of the last tensor's data ("b.gram", not kept) flipped
+    path.write_bytes(bytes(data))
+    assert read_tensors(path, keep=lambda name: name.startswith("a.")) is None

@@ -19,7 +19,7 @@ from sigmascale_core.methods import decompose
 from sigmascale_core.models import load_model
 from sigmascale_core.plan import CompressionPlan
 from sigmascale_core.stats import ActivationStats
-from sigmascale_core.surgery import target_shapes
+from sigmascale_core.surgery import PLAN_FILE, input_stats_keys, target_shapes
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -122,3 +122,9 @@ def test_torchrun_two_ranks_save_the_single_process_model_bit_for_bit(
     assert sum(report["distributed"]["matrices_per_rank"]) == 14
     assert min(report["distributed"]["matrices_per_rank"]) >= 1
     assert report["calibration"]["cached"]  # rank 0 read the statistics the single run had saved
+    # each rank held only the statistics of its shard's inputs (read from the cache one at a time)
+    loaded = load_model(str(tiny_dir))
+    plan = CompressionPlan.load(sharded / PLAN_FILE)
+    shards = shard_by_cost({name: tuple(m.shape) for name, m in plan.compressed.items()}, 2)
+    needed = [len(set(input_stats_keys(loaded.model, shard).values())) for shard in shards]
+    assert report["distributed"]["stats_per_rank"] == needed

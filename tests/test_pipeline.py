@@ -65,6 +65,10 @@ def test_stats_cache_round_trip_and_corruption(tmp_path):
     assert loaded.keys() == stats.keys()
     assert all(torch.equal(loaded[k].gram, stats[k].gram) for k in stats)
     assert load_stats(path, {"model": "y", "samples": 2}) is None  # another key: not trusted
+    shard = load_stats(path, key, only={"1.mlp_in", "0.attn_in"})  # a distributed rank's part
+    assert shard.keys() == {"1.mlp_in", "0.attn_in"}
+    assert all(torch.equal(shard[k].gram, stats[k].gram) and shard[k].count == stats[k].count for k in shard)
+    assert load_stats(path, key, only={"0.attn_in", "7.attn_in"}) is None  # one it lacks: recompute
     path.write_bytes(path.read_bytes()[:-100])  # truncated
     assert load_stats(path, key) is None
     assert load_stats(tmp_path / "missing.safetensors", key) is None
