@@ -31,6 +31,7 @@ from paper_baseline import paper_sigmascale
 
 from sigmascale_core import ActivationStats, activation_loss, decompose, rank_for_retention
 from sigmascale_core.calibration import collect_stats
+from sigmascale_core.distributed import shard_by_cost
 from sigmascale_core.methods import METHOD_OPTIONS, METHODS, truncation_loss
 
 # Llama-3.1-8B (meta-llama/Llama-3.1-8B config.json); vocab shrunk: it does not enter any measured cost
@@ -215,6 +216,7 @@ def memory_model(tokens: int) -> dict[str, float]:
         "decompose_working_set": decompose_ws,
         "peak": weights + hidden + layer_stats + batch_temporaries + decompose_ws,
         "host_stats_float64_all_layers": LAYERS_8B * layer_stats,
+        "host_stats_float32_all_layers": LAYERS_8B * layer_stats / 2,  # --gram-dtype float32
     }
 
 
@@ -325,6 +327,36 @@ LLAMA_70B = {"q/o": (8192, 8192), "k/v": (1024, 8192), "gate/up": (28672, 8192),
 LAYERS_70B, PARAMS_70B = 80, 70.6e9
 
 
+# Each target matrix of a decoder layer: (its shape's row in the tables, the input it reads); q/k/v
+# read one input, gate/up another (models.INPUT_GROUPS)
+LAYER_MATRICES = {
+    "q": ("q/o", "attn_in"),
+    "k": ("k/v", "attn_in"),
+    "v": ("k/v", "attn_in"),
+    "o": ("q/o", "attn_out"),
+    "gate": ("gate/up", "mlp_in"),
+    "up": ("gate/up", "mlp_in"),
+    "down": ("down", "mlp_out"),
+}
+
+
+def shard_stats_gib(
+    shapes: dict[str, tuple[int, int]], layers: int, world: int, bytes_per: int
+) -> list[float]:
+    """GiB of input statistics each rank reads when `world` ranks shard the model's matrices by cost
+    (distributed.shard_by_cost, as the run does): the n² Grams of the inputs its matrices read."""
+    matrices = {
+        f"{layer}.{name}": shapes[row] for layer in range(layers) for name, (row, _) in LAYER_MATRICES.items()
+    }
+    per_rank = []
+    for shard in shard_by_cost(matrices, world):
+        inputs = {
+            (name.split(".")[0], LAYER_MATRICES[name.split(".")[1]][1]): matrices[name][1] for name in shard
+        }
+        per_rank.append(sum(n * n for n in inputs.values()) * bytes_per / 2**30)
+    return per_rank
+
+
 def design_70b(tokens: int, worlds: tuple[int, ...] = (1, 8, 16)) -> dict:
     """Llama-3.1-70B by the same op model at the assumed GPU rates: SigmaScale fit time per rank for
     `worlds` GPUs (LPT over 560 matrices balances to within one matrix), what is communicated, memory."""
@@ -349,6 +381,11 @@ def design_70b(tokens: int, worlds: tuple[int, ...] = (1, 8, 16)) -> dict:
         "gathered_to_rank0_gib": {str(w): factor_bytes * (w - 1) / w / gib for w in worlds},
         "gpu_working_set_per_rank_gib": (28672 * 8192 * 8 * 3 + 8192**2 * 8 * 6) / gib,
         "host_per_rank_gib": {"model_bf16": 2 * PARAMS_70B / gib, "stats_float64": LAYERS_70B * grams / gib},
+        "shard_stats_per_rank_gib": {  # what each rank reads (a plan known up front), its largest share
+            f"{dtype}/{w}": max(shard_stats_gib(LLAMA_70B, LAYERS_70B, w, size))
+            for dtype, size in (("float64", 8), ("float32", 4))
+            for w in worlds
+        },
     }
 
 
