@@ -389,19 +389,26 @@ def learn_scaling(
         },
     )
     dtype = FLOAT_DTYPES[compute_dtype]
-    L, jitter = None, 0.0
+    L, jitter, output_gram = None, 0.0, None
     if init == "whiten":
         gram = gram.to(device=W.device, dtype=torch.float64)
         L, jitter = whitening_factor(shrunk_gram(gram, shrink))
+        if W.shape[0] < W.shape[1]:  # the loss reads only W̃·G̃·W̃ᵀ = W·G·Wᵀ: no solves with L (n³)
+            W64 = W.to(torch.float64)
+            output_gram = W64 @ gram @ W64.mT
+            output_gram, gram = (output_gram + output_gram.mT) / 2, None
+        else:
+            Linv_G = torch.linalg.solve_triangular(L, gram, upper=False)  # L⁻¹·G
+            gram = torch.linalg.solve_triangular(L, Linv_G.mT, upper=False)  # L⁻¹·(L⁻¹·G)ᵀ = L⁻¹·G·L⁻ᵀ
+            gram = (gram + gram.mT) / 2
         W = W.to(dtype) @ L.to(dtype)  # W̃ = W·L
-        Linv_G = torch.linalg.solve_triangular(L, gram, upper=False)  # L⁻¹·G
-        gram = torch.linalg.solve_triangular(L, Linv_G.mT, upper=False)  # L⁻¹·(L⁻¹·G)ᵀ = L⁻¹·G·L⁻ᵀ
-        gram = (gram + gram.mT) / 2
         init = "identity"
     with torch.inference_mode(False), torch.enable_grad():  # callable from under no_grad/inference_mode
-        start, best = _adam_on_scales(W, gram, abs_mean, rank, steps, lr, init, alpha, l2, seed, init_noise)
+        start, best = _adam_on_scales(
+            W, gram, abs_mean, rank, steps, lr, init, alpha, l2, seed, init_noise, output_gram
+        )
     if best is not start:
-        exact = truncation_loss(W.to(torch.float64), gram.to(torch.float64), rank)
+        exact = truncation_loss(W.to(torch.float64), _float64(gram), rank, _float64(output_gram))
         best = min((best, start), key=lambda rc: float(exact(rc[0].double(), rc[1].double())))
     row, col = best[0].double().exp(), best[1].double().exp()
     col = col if L is None else L * col  # L·diag(eᶜ)
@@ -431,7 +438,7 @@ def choose_shrink(
 
 
 def truncation_loss(
-    W: torch.Tensor, gram: torch.Tensor, rank: int
+    W: torch.Tensor, gram: torch.Tensor | None, rank: int, output_gram: torch.Tensor | None = None
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """loss(r, c) = ‖(W − W′)X‖²/‖WX‖² of the rank-k scaled truncation, differentiable in the log-scales.
 
@@ -441,11 +448,12 @@ def truncation_loss(
       m ≥ n:  tr(P·A·P·B),  S = D_c Wᵀ D_r² W D_c,  A = D_c WᵀW D_c,  B = D_c⁻¹ G D_c⁻¹;
       m < n:  tr(P·A·P·B),  S = D_r W D_c² Wᵀ D_r,  A = D_r W G Wᵀ D_r,  B = D_r⁻².
     One product of W's size per call (S) and the rest in min(m, n)³, where the explicit
-    ‖(W − W′)X‖² costs several m·n·min(m, n) products forward and backward.
+    ‖(W − W′)X‖² costs several m·n·min(m, n) products forward and backward. For m < n the loss reads
+    the Gram only through the outputs' Gram W·G·Wᵀ: pass it as `output_gram` (then `gram` may be None).
     """
     m, n = W.shape
-    reference = gram_error(W, gram)
     if m >= n:
+        reference = gram_error(W, gram)
         WtW = W.mT @ W
 
         def loss(r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -456,7 +464,8 @@ def truncation_loss(
             return ((P @ A @ P) * (gram / col[:, None] / col)).sum() / reference
 
     else:
-        WGWt = W @ gram @ W.mT
+        WGWt = W @ gram @ W.mT if output_gram is None else output_gram
+        reference = WGWt.diagonal().sum()  # ‖WX‖² = tr(W·G·Wᵀ)
 
         def loss(r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
             row = r.exp()
@@ -480,13 +489,21 @@ def _adam_on_scales(
     l2: float,
     seed: int,
     init_noise: float,
+    output_gram: torch.Tensor | None = None,
 ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """The optimisation loop of `learn_scaling`: returns (start, best iterate) as (r, c) pairs."""
+    """The optimisation loop of `learn_scaling`: returns (start, best iterate) as (r, c) pairs; the
+    loss from `gram`, or from `output_gram` for m < n (see truncation_loss)."""
     m, n = W.shape
     W32 = W.to(torch.float32).clone()
-    gram32 = gram.to(torch.float32).clone()
-    gram32 /= gram32.diagonal().mean().clamp_min(torch.finfo(torch.float32).tiny)  # keep fp32 sums tame
-    loss_of = truncation_loss(W32, gram32, rank)
+
+    def tame(G: torch.Tensor | None) -> torch.Tensor | None:  # float32, mean diagonal 1: tame fp32 sums
+        if G is None:
+            return None
+        G32 = G.to(torch.float32).clone()
+        G32 /= G32.diagonal().mean().clamp_min(torch.finfo(torch.float32).tiny)
+        return G32
+
+    loss_of = truncation_loss(W32, tame(gram), rank, tame(output_gram))
     r = torch.zeros(m, dtype=torch.float32, device=W.device)
     c = torch.zeros(n, dtype=torch.float32, device=W.device)
     if init == "asvd":
@@ -521,6 +538,10 @@ def _adam_on_scales(
             r.copy_(r_fixed)
             c.copy_(c_fixed)
     return start, ((best_r, best_c) if bool(moved) else start)  # one host sync, after the loop
+
+
+def _float64(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.to(torch.float64)
 
 
 def _fix_gauge(r: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

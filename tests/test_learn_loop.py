@@ -13,8 +13,11 @@ from sigmascale_core.methods import _fix_gauge, asvd_col_scale, learn_scaling, t
 from sigmascale_core.stats import ActivationStats
 
 
-def reference_adam_on_scales(W, gram, abs_mean, rank, steps, lr, init, alpha, l2, seed, init_noise):
+def reference_adam_on_scales(
+    W, gram, abs_mean, rank, steps, lr, init, alpha, l2, seed, init_noise, output_gram=None
+):
     """The loop before this change, copied: best iterate chosen on the host with loss.item()."""
+    assert output_gram is None, "the reference loop reads the input Gram (m ≥ n, or not init=whiten)"
     m, n = W.shape
     W32 = W.to(torch.float32).clone()
     gram32 = gram.to(torch.float32).clone()

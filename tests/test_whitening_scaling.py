@@ -5,7 +5,16 @@ import pytest
 import torch
 from conftest import anisotropic_inputs, decaying_matrix
 
-from sigmascale_core.methods import SHRINK_GRID, choose_shrink, decompose, fit_scaling
+from sigmascale_core.methods import (
+    SHRINK_GRID,
+    choose_shrink,
+    decompose,
+    fit_scaling,
+    learn_scaling,
+    shrunk_gram,
+    truncation_loss,
+    whitening_factor,
+)
 from sigmascale_core.stats import ActivationStats
 
 
@@ -125,3 +134,32 @@ def test_choose_shrink_needs_a_grid(layer):
     W, _, stats = layer
     with pytest.raises(ValueError, match="non-empty grid"):
         choose_shrink(W, stats, stats, 4, grid=())
+
+
+def test_wide_matrices_learn_from_the_outputs_gram_alone():
+    """m < n: init="whiten" skips L⁻¹·G·L⁻ᵀ (two n³ solves); the loss it uses, from W·G·Wᵀ, must equal
+    the loss of W̃ = W·L under G̃ = L⁻¹·G·L⁻ᵀ at any scales, and the fit must stay at or below its start."""
+    W = decaying_matrix(24, 56, seed=5)
+    X = anisotropic_inputs(400, 56, seed=6)
+    G = X.T @ X
+    L, _ = whitening_factor(shrunk_gram(G, 0.05))
+    W_tilde = W @ L
+    G_tilde = torch.linalg.solve_triangular(
+        L, torch.linalg.solve_triangular(L, G, upper=False).mT, upper=False
+    )
+    explicit = truncation_loss(W_tilde, G_tilde, 10)
+    from_outputs = truncation_loss(W_tilde, None, 10, output_gram=W @ G @ W.mT)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        r, c = (
+            0.3 * torch.randn(24, generator=g, dtype=torch.float64),
+            0.3 * torch.randn(56, generator=g, dtype=torch.float64),
+        )
+        torch.testing.assert_close(from_outputs(r, c), explicit(r, c), rtol=1e-9, atol=0)
+    stats = ActivationStats.from_inputs(X)
+    learned = learn_scaling(W, G, stats.abs_mean, 10, steps=15, shrink=0.05)
+    start = fit_scaling(W, stats, "svdllm", shrink=0.05)
+    learned_loss = raw_loss(W, decompose(W, stats, 10, "sigmascale", steps=15, shrink=0.05).to_dense(), X)
+    start_loss = raw_loss(W, decompose(W, stats, 10, "svdllm", shrink=0.05).to_dense(), X)
+    assert learned.col.shape == start.col.shape == (56, 56)
+    assert learned_loss <= start_loss * (1 + 1e-9)
