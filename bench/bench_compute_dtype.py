@@ -2,6 +2,7 @@
 
     python bench/bench_compute_dtype.py --json bench/results/compute_dtype.json
     python bench/bench_compute_dtype.py --shapes k/v,q/o --json out.json     # fewer 8B shapes
+    python bench/bench_compute_dtype.py --skip-bundled --shapes down --update --json J  # redo rows of J
 
 1. SmolLM2 (the bundled model, its README calibration statistics: 32 × 512 tokens): every one of the 210
    matrices at retention 0.75 by svdllm in float64, in float32 (`compute_dtype="float32"`: one float32
@@ -115,6 +116,9 @@ def main() -> None:
     parser.add_argument("--sigmascale-every", type=int, default=3, help="sigmascale on every N-th layer")
     parser.add_argument("--skip-bundled", action="store_true", help="only the 8B shapes")
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--update", action="store_true", help="keep what --json holds; replace only the rows measured now"
+    )
     args = parser.parse_args()
     result: dict = {
         "device": args.device,
@@ -122,6 +126,8 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "retention": RETENTION,
     }
+    if args.update and args.json is not None and args.json.exists():
+        result = {**json.loads(args.json.read_text()), **result}
     if not args.skip_bundled:
         rows = bundled_rows(args.sigmascale_every)
         result["bundled"] = {
@@ -130,7 +136,9 @@ def main() -> None:
             "sigmascale32_over_64": ratio_summary(rows, "sigmascale32", "sigmascale64"),
             "rows": rows,
         }
-    result["shapes_8b"] = shape_rows(args.shapes.split(","), torch.device(args.device))
+    measured = shape_rows(args.shapes.split(","), torch.device(args.device))
+    rows = {row["shape"]: row for row in [*result.get("shapes_8b", []), *measured]}  # measured rows win
+    result["shapes_8b"] = [rows[kind] for kind in SHAPES if kind in rows]
     text = json.dumps(result, indent=2) + "\n"
     if args.json is not None:
         write_text_atomic(text, args.json)

@@ -461,6 +461,7 @@ def main() -> None:
     done = {row["shape"] for row in result["shapes"]}
     for row in shape_rows(device, args.paper_tokens, {"k/v"}, args.shrink, done):
         result["shapes"].append(row)
+        result["shapes"].sort(key=lambda r: list(SHAPES).index(r["shape"]))  # a resumed run: table order
         save(result, args.json)
     result["gpu_rates_assumed"] = GPU_RATES
     if "rates_this_device" not in result:

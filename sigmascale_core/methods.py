@@ -372,7 +372,8 @@ def learn_scaling(
     the start (r = c = 0) is svdllm's truncation (with the same shrink), and S_col = L·diag(eᶜ) stays
     lower-triangular. At shrink = 0, G̃ = I and whitening is already optimal; with shrink > 0 the scales
     recover part of what shrinking gave up on the calibration tokens. W̃ is formed in `compute_dtype`,
-    G̃ (two triangular solves with L: conditioning) and the check in float64.
+    G̃ (two triangular solves with L: conditioning) and the check in float64; a wide W (m < n) needs
+    only W̃·G̃·W̃ᵀ = W·G·Wᵀ, so it skips the solves.
     """
     check_options(
         "sigmascale",
