@@ -3,6 +3,7 @@
     python bench/bench_compute_dtype.py --json bench/results/compute_dtype.json
     python bench/bench_compute_dtype.py --shapes k/v,q/o --json out.json     # fewer 8B shapes
     python bench/bench_compute_dtype.py --skip-bundled --shapes down --update --json J  # redo rows of J
+    python bench/bench_compute_dtype.py --table bench/results/compute_dtype.json      # the README table
 
 1. SmolLM2 (the bundled model, its README calibration statistics: 32 × 512 tokens): every one of the 210
    matrices at retention 0.75 by svdllm in float64, in float32 (`compute_dtype="float32"`: one float32
@@ -107,6 +108,24 @@ def shape_rows(kinds: list[str], device: torch.device) -> list[dict]:
     return rows
 
 
+def markdown(result: dict) -> str:
+    """The README's 8B-shape table from a results JSON."""
+    lines = [
+        "| shape | rank | svdllm float64 s | float32 s | float64 / float32 time | sigmascale fixed part float64 s "
+        "| float32 s | float64 / float32 time | loss float32 / float64 − 1 (svdllm, sigmascale) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["shapes_8b"]:
+        drift = [r[f"{m}_float32_loss"] / r[f"{m}_float64_loss"] - 1 for m in ("svdllm", "sigmascale")]
+        lines.append(
+            f"| {r['shape']} {r['m']}×{r['n']} | {r['rank']} | {r['svdllm_float64_s']:.1f} | "
+            f"{r['svdllm_float32_s']:.1f} | {r['svdllm_float32_speedup']:.2f}× | "
+            f"{r['sigmascale_float64_s']:.1f} | {r['sigmascale_float32_s']:.1f} | "
+            f"{r['sigmascale_float32_speedup']:.2f}× | {drift[0]:.1e}, {drift[1]:.1e} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -119,7 +138,11 @@ def main() -> None:
     parser.add_argument(
         "--update", action="store_true", help="keep what --json holds; replace only the rows measured now"
     )
+    parser.add_argument("--table", type=Path, help="only print the README table of this results JSON")
     args = parser.parse_args()
+    if args.table is not None:
+        print(markdown(json.loads(args.table.read_text())))
+        return
     result: dict = {
         "device": args.device,
         "torch": torch.__version__,
