@@ -128,6 +128,6 @@ def test_an_interrupt_while_reading_stats_propagates(tmp_path, monkeypatch, wher
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(artifacts, "safe_open" if where == "open" else "tensors_checksum", interrupt)
+    monkeypatch.setattr(artifacts, "safe_open" if where == "open" else "tensor_bytes", interrupt)
     with pytest.raises(KeyboardInterrupt):
         load_stats(path, key)
