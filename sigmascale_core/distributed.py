@@ -199,7 +199,7 @@ def fit_distributed(
     rank."""
     shapes = {name: tuple(m.shape) for name, m in plan.compressed.items()}
     shards = shard_by_cost(shapes, group.world)
-    mine = set(shard_of(plan, group))
+    mine = set(shards[group.rank])  # = shard_of(plan, group), what the pipeline read statistics for
     shard_plan = plan.with_ranks({name: None for name in plan.compressed if name not in mine})
     factors = fit_factors(model, shard_plan, stats, progress, device=group.device)
     total = sum(fit_cost(s) for s in shapes.values()) or 1.0
