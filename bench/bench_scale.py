@@ -33,6 +33,7 @@ from sigmascale_core import ActivationStats, activation_loss, decompose, rank_fo
 from sigmascale_core.calibration import collect_stats
 from sigmascale_core.distributed import shard_by_cost
 from sigmascale_core.methods import METHOD_OPTIONS, METHODS, truncation_loss
+from sigmascale_core.models import GROUP_OF_KIND
 
 # Llama-3.1-8B (meta-llama/Llama-3.1-8B config.json); vocab shrunk: it does not enter any measured cost
 LLAMA_8B = dict(
@@ -330,16 +331,15 @@ LLAMA_70B = {"q/o": (8192, 8192), "k/v": (1024, 8192), "gate/up": (28672, 8192),
 LAYERS_70B, PARAMS_70B = 80, 70.6e9
 
 
-# Each target matrix of a decoder layer: (its shape's row in the tables, the input it reads); q/k/v
-# read one input, gate/up another (models.INPUT_GROUPS)
-LAYER_MATRICES = {
-    "q": ("q/o", "attn_in"),
-    "k": ("k/v", "attn_in"),
-    "v": ("k/v", "attn_in"),
-    "o": ("q/o", "attn_out"),
-    "gate": ("gate/up", "mlp_in"),
-    "up": ("gate/up", "mlp_in"),
-    "down": ("down", "mlp_out"),
+# The table row (shape) of each target matrix of a decoder layer; the input it reads is GROUP_OF_KIND's
+ROW_OF_KIND = {
+    "q": "q/o",
+    "k": "k/v",
+    "v": "k/v",
+    "o": "q/o",
+    "gate": "gate/up",
+    "up": "gate/up",
+    "down": "down",
 }
 
 
@@ -349,12 +349,12 @@ def shard_stats_gib(
     """GiB of input statistics each rank reads when `world` ranks shard the model's matrices by cost
     (distributed.shard_by_cost, as the run does): the n² Grams of the inputs its matrices read."""
     matrices = {
-        f"{layer}.{name}": shapes[row] for layer in range(layers) for name, (row, _) in LAYER_MATRICES.items()
+        f"{layer}.{kind}": shapes[row] for layer in range(layers) for kind, row in ROW_OF_KIND.items()
     }
     per_rank = []
     for shard in shard_by_cost(matrices, world):
         inputs = {
-            (name.split(".")[0], LAYER_MATRICES[name.split(".")[1]][1]): matrices[name][1] for name in shard
+            (name.split(".")[0], GROUP_OF_KIND[name.split(".")[1]]): matrices[name][1] for name in shard
         }
         per_rank.append(sum(n * n for n in inputs.values()) * bytes_per / 2**30)
     return per_rank
